@@ -1,0 +1,116 @@
+"""Chooses the implementation behind the ckbn operators and registers their fake kernels.
+
+Two backends exist:
+
+* ``"extension"``: the compiled library ``ckbn._C`` (CPU kernels, plus CUDA kernels when it was
+  built with a CUDA toolkit), reached through ``torch.ops.ckbn``;
+* ``"reference"``: :mod:`ckbn.reference`, plain PyTorch operations.
+
+The extension is used when it imports, unless ``CKBN_BACKEND=reference``. ``CKBN_BACKEND=extension``
+(or ``CKBN_REQUIRE_EXTENSION=1``) makes a missing or broken extension an ImportError instead of a
+silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from typing import Optional
+
+import torch
+
+from . import reference
+
+OP_NAMES = (
+    "batch_stats",
+    "normalize",
+    "update_running_stats",
+    "backward",
+    "backward_reduce",
+    "backward_elemt",
+)
+
+_requested = os.environ.get("CKBN_BACKEND", "auto").strip().lower() or "auto"
+if _requested not in ("auto", "extension", "reference"):
+    raise ImportError(f"CKBN_BACKEND must be 'auto', 'extension' or 'reference', not {_requested!r}")
+_require_extension = _requested == "extension" or os.environ.get("CKBN_REQUIRE_EXTENSION", "0") not in ("", "0")
+
+extension_error: Optional[BaseException] = None
+extension_loaded = False
+if _requested != "reference":
+    try:
+        from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+
+        extension_loaded = True
+    except ImportError as exc:  # not built, or built against another torch
+        extension_error = exc
+        if _require_extension:
+            raise ImportError(
+                "ckbn: the compiled extension ckbn._C is required (CKBN_BACKEND=extension or "
+                f"CKBN_REQUIRE_EXTENSION=1) but could not be imported: {exc}"
+            ) from exc
+        if _requested == "auto":
+            warnings.warn(
+                f"ckbn: compiled extension not available ({exc}); using the pure-PyTorch reference backend",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+elif _require_extension:
+    raise ImportError("ckbn: CKBN_BACKEND=reference contradicts CKBN_REQUIRE_EXTENSION=1")
+
+ACTIVE = "extension" if extension_loaded else "reference"
+
+if extension_loaded:
+    ops = types.SimpleNamespace(**{name: getattr(torch.ops.ckbn, name).default for name in OP_NAMES})
+else:
+    ops = types.SimpleNamespace(**{name: getattr(reference, name) for name in OP_NAMES})
+
+
+def cuda_compiled() -> bool:
+    """Whether the compiled extension carries CUDA kernels."""
+    if not extension_loaded:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ckbn::batch_stats", "CUDA")
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels, so that FakeTensor, torch.compile and opcheck can run the ops."""
+
+    def _stats_like(input: torch.Tensor) -> torch.Tensor:
+        return input.new_empty((input.size(1),), dtype=reference.stats_dtype(input.dtype))
+
+    def _like_input(input: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(input, memory_format=reference._memory_format(input))
+
+    @torch.library.register_fake("ckbn::batch_stats")
+    def _(input, eps):
+        return _stats_like(input), _stats_like(input)
+
+    @torch.library.register_fake("ckbn::normalize")
+    def _(input, mean, invstd, weight, bias):
+        return _like_input(input)
+
+    @torch.library.register_fake("ckbn::update_running_stats")
+    def _(running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count):
+        return None
+
+    @torch.library.register_fake("ckbn::backward")
+    def _(grad_output, input, mean, invstd, weight, train, output_mask):
+        param_dtype = weight.dtype if weight is not None else mean.dtype
+        grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
+        grad_weight = mean.new_empty((input.size(1),) if output_mask[1] else (0,), dtype=param_dtype)
+        grad_bias = mean.new_empty((input.size(1),) if output_mask[2] else (0,), dtype=param_dtype)
+        return grad_input, grad_weight, grad_bias
+
+    @torch.library.register_fake("ckbn::backward_reduce")
+    def _(grad_output, input, mean):
+        return _stats_like(input), _stats_like(input)
+
+    @torch.library.register_fake("ckbn::backward_elemt")
+    def _(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
+        return _like_input(input)
+
+
+if extension_loaded:
+    _register_fakes()

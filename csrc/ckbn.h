@@ -1,0 +1,64 @@
+// Declarations shared by the ckbn backends: argument checks and the memory layouts kernels see.
+//
+// Schemas live in ops.cpp (TORCH_LIBRARY(ckbn, m)); each backend registers its kernels beside them
+// in its own TORCH_LIBRARY_IMPL block (cpu/batch_norm.cpp, cuda/batch_norm.cu). Every kernel calls
+// the checks below before it touches memory, so bad input is a RuntimeError on every backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+
+namespace ckbn {
+
+// How one channel's elements lie in memory, after `kernel_view` below.
+//   ChannelPlanes: [batch][channels][spatial], each (n, c) plane contiguous (NCHW, NCL, NCDHW).
+//   ChannelsLast:  [rows][channels], channels innermost (NHWC, NDHWC, and 2-D (N, C) input).
+enum class Layout { ChannelPlanes, ChannelsLast };
+
+struct Geometry {
+  int64_t batch;     // N
+  int64_t channels;  // C
+  int64_t spatial;   // product of the dimensions after C (1 for 2-D input)
+  Layout layout;
+
+  int64_t per_channel() const { return batch * spatial; }  // reduction size of one channel
+  int64_t rows() const { return batch * spatial; }          // ChannelsLast: number of C-vectors
+};
+
+// The accumulation / statistics dtype for an input dtype: double for double, float otherwise.
+at::ScalarType stats_dtype(at::ScalarType input_dtype);
+
+// Checks that `input` is a floating tensor of at least 2 dimensions with a supported dtype.
+void check_input(const at::Tensor& input, const char* op);
+
+// Checks a per-channel vector: 1-D, `channels` elements, on input's device, with one of the
+// dtypes allowed (`dtype`, or `alt_dtype` when it differs). `name` appears in the message.
+void check_channel_vector(
+    const at::Tensor& vec,
+    const char* name,
+    const at::Tensor& input,
+    at::ScalarType dtype,
+    at::ScalarType alt_dtype,
+    const char* op);
+
+// Checks an optional affine parameter: input's dtype or the statistics dtype (AMP keeps fp32
+// parameters beside half input).
+void check_affine(const c10::optional<at::Tensor>& param, const char* name, const at::Tensor& input,
+                  const char* op);
+
+// Checks that `other` (grad_output) has input's shape, dtype and device.
+void check_same_shape(const at::Tensor& other, const char* name, const at::Tensor& input,
+                      const char* op);
+
+// A dense view of `input` in one of the two layouts kernels handle, plus its geometry. Dense
+// channels_last input (C innermost) stays as it is; contiguous input is ChannelPlanes; anything
+// else is made contiguous.
+std::pair<at::Tensor, Geometry> kernel_view(const at::Tensor& input);
+
+// `t` (same shape as the kernel view `like`) with exactly like's strides, copying only if needed:
+// grad_output may arrive in a different memory format than the input.
+at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like);
+
+}  // namespace ckbn

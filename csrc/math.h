@@ -1,0 +1,166 @@
+// The arithmetic of batch normalization, written once.
+//
+// Every function here is inline and compiles as __host__ __device__ under nvcc, so the CPU kernels
+// (csrc/cpu) and the CUDA kernels (csrc/cuda) evaluate the very same formulas. Kernels decide only
+// how elements are visited; what is computed per element or per channel lives here.
+//
+// `acc_t` is the accumulation type: float for half, bfloat16 and float input; double for double.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CKBN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CKBN_HOST_DEVICE inline
+#endif
+
+namespace ckbn {
+namespace math {
+
+// Running moments of one channel: element count, mean and M2 = sum((x - mean)^2).
+// The count is 64-bit because N * H * W of one channel can exceed 2^31.
+template <typename acc_t>
+struct Welford {
+  acc_t mean;
+  acc_t m2;
+  int64_t count;
+};
+
+template <typename acc_t>
+CKBN_HOST_DEVICE Welford<acc_t> welford_empty() {
+  return Welford<acc_t>{acc_t(0), acc_t(0), 0};
+}
+
+// Welford's single-element update: stable for data far from zero, unlike sum and sum of squares.
+template <typename acc_t>
+CKBN_HOST_DEVICE Welford<acc_t> welford_update(Welford<acc_t> w, acc_t x) {
+  w.count += 1;
+  const acc_t delta = x - w.mean;
+  w.mean += delta / static_cast<acc_t>(w.count);
+  w.m2 += delta * (x - w.mean);
+  return w;
+}
+
+// Chan et al.'s merge of two partial results; either side may be empty.
+template <typename acc_t>
+CKBN_HOST_DEVICE Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b) {
+  const int64_t count = a.count + b.count;
+  if (count == 0) {
+    return a;
+  }
+  const acc_t delta = b.mean - a.mean;
+  // Weight of b in the merged mean; computed as a ratio so that an empty side contributes exactly 0.
+  const acc_t b_share = static_cast<acc_t>(b.count) / static_cast<acc_t>(count);
+  Welford<acc_t> out;
+  out.count = count;
+  out.mean = a.mean + delta * b_share;
+  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * b_share;
+  return out;
+}
+
+// A whole chunk summarised by its exact count, mean and M2 (as a vectorised CPU loop computes it
+// with two passes over data in cache), so that chunks merge exactly like single elements.
+template <typename acc_t>
+CKBN_HOST_DEVICE Welford<acc_t> welford_from_moments(int64_t count, acc_t mean, acc_t m2) {
+  return Welford<acc_t>{mean, m2, count};
+}
+
+// Biased variance of the merged moments; an empty channel has variance 0 rather than NaN.
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t welford_biased_var(Welford<acc_t> w) {
+  return w.count > 0 ? w.m2 / static_cast<acc_t>(w.count) : acc_t(0);
+}
+
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t invstd_from_var(acc_t biased_var, acc_t eps) {
+  using std::sqrt;
+  return acc_t(1) / sqrt(biased_var + eps);
+}
+
+// The per-channel affine transform that normalize applies: y = (x - mean) * scale + shift.
+// (x - mean) is formed first: folding mean into the shift would cancel catastrophically for data
+// far from zero.
+template <typename acc_t>
+struct NormalizeCoeffs {
+  acc_t mean;
+  acc_t scale;  // invstd * weight
+  acc_t shift;  // bias
+};
+
+template <typename acc_t>
+CKBN_HOST_DEVICE NormalizeCoeffs<acc_t> normalize_coeffs(
+    acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+  return NormalizeCoeffs<acc_t>{mean, invstd * weight, bias};
+}
+
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t normalize_element(acc_t x, NormalizeCoeffs<acc_t> c) {
+  return (x - c.mean) * c.scale + c.shift;
+}
+
+// Backward of y = (x - mean) * invstd * weight + bias with respect to x.
+//
+// In training mode mean and invstd are functions of x, which adds two per-channel terms:
+//   dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * weight.
+// In eval mode they are constants and dx = dy * invstd * weight; the same element formula serves
+// both with mean_dy = projection = 0.
+template <typename acc_t>
+struct BackwardCoeffs {
+  acc_t mean;
+  acc_t mean_dy;     // sum(dy) / count, or 0 in eval mode
+  acc_t projection;  // invstd^2 * sum(dy * (x - mean)) / count, or 0 in eval mode
+  acc_t scale;       // invstd * weight
+};
+
+// mean_dy and mean_dy_xmu are sum(dy) / count and sum(dy * (x - mean)) / count over the whole
+// (possibly multi-process) batch.
+template <typename acc_t>
+CKBN_HOST_DEVICE BackwardCoeffs<acc_t> backward_coeffs(
+    acc_t mean, acc_t invstd, acc_t weight, acc_t mean_dy, acc_t mean_dy_xmu, bool train) {
+  BackwardCoeffs<acc_t> c;
+  c.mean = mean;
+  c.mean_dy = train ? mean_dy : acc_t(0);
+  c.projection = train ? invstd * invstd * mean_dy_xmu : acc_t(0);
+  c.scale = invstd * weight;
+  return c;
+}
+
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t backward_element(acc_t dy, acc_t x, BackwardCoeffs<acc_t> c) {
+  return (dy - c.mean_dy - (x - c.mean) * c.projection) * c.scale;
+}
+
+// grad_weight = sum(dy * x_hat) = sum(dy * (x - mean)) * invstd; grad_bias = sum(dy).
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t grad_weight_from_sums(acc_t sum_dy_xmu, acc_t invstd) {
+  return sum_dy_xmu * invstd;
+}
+
+// One channel's running-statistics update, as torch.nn.BatchNorm does it:
+//   running_mean = (1 - factor) * running_mean + factor * batch_mean
+//   running_var  = (1 - factor) * running_var  + factor * unbiased_batch_var
+// The batch variance is recovered from invstd; count / (count - 1) is Bessel's correction.
+// count must be at least 2 (the module refuses a single value per channel in training).
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t unbiased_var_from_invstd(acc_t invstd, acc_t eps, int64_t count) {
+  const acc_t biased_var = acc_t(1) / (invstd * invstd) - eps;
+  const acc_t positive_var = biased_var > acc_t(0) ? biased_var : acc_t(0);
+  return positive_var * static_cast<acc_t>(count) / static_cast<acc_t>(count - 1);
+}
+
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t running_average(acc_t running, acc_t batch, acc_t factor) {
+  return (acc_t(1) - factor) * running + factor * batch;
+}
+
+// The factor for one update: momentum, or for momentum=None the cumulative average 1 / n, where n
+// is num_batches_tracked after this batch was counted.
+template <typename acc_t>
+CKBN_HOST_DEVICE acc_t average_factor(bool has_momentum, acc_t momentum, int64_t batches_tracked) {
+  return has_momentum ? momentum : acc_t(1) / static_cast<acc_t>(batches_tracked);
+}
+
+}  // namespace math
+}  // namespace ckbn

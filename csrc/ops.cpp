@@ -1,0 +1,128 @@
+// Operator schemas of the `ckbn` library and the argument checks every backend shares.
+//
+// Shapes: input is (N, C, *); every per-channel tensor is (C,). Statistics (mean, invstd) are
+// float32 for half, bfloat16 and float32 input, and float64 for float64 input.
+#include "ckbn.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace ckbn {
+
+at::ScalarType stats_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.defined(), op, ": input is undefined");
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": expected input of a floating dtype (float64, float32, float16 or bfloat16), but got ",
+      dtype);
+  TORCH_CHECK(input.dim() >= 2, op, ": expected input with at least 2 dimensions (N, C, *), but got ",
+              input.dim(), "D input");
+  TORCH_CHECK(input.size(1) > 0, op, ": expected input with at least one channel, but got shape ",
+              input.sizes());
+}
+
+void check_channel_vector(const at::Tensor& vec, const char* name, const at::Tensor& input,
+                          at::ScalarType dtype, at::ScalarType alt_dtype, const char* op) {
+  TORCH_CHECK(vec.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(vec.device() == input.device(), op, ": expected ", name,
+              " to be on the same device as input (", input.device(), "), but got ", vec.device());
+  TORCH_CHECK(vec.dim() == 1 && vec.numel() == input.size(1), op, ": ", name, " should contain ",
+              input.size(1), " elements not ", vec.numel());
+  TORCH_CHECK(vec.scalar_type() == dtype || vec.scalar_type() == alt_dtype, op, ": expected ", name,
+              " of dtype ", dtype, (alt_dtype != dtype ? " or " : ""),
+              (alt_dtype != dtype ? c10::toString(alt_dtype) : ""), ", but got ", vec.scalar_type());
+}
+
+void check_affine(const c10::optional<at::Tensor>& param, const char* name, const at::Tensor& input,
+                  const char* op) {
+  if (param.has_value() && param->defined()) {
+    check_channel_vector(*param, name, input, input.scalar_type(), stats_dtype(input.scalar_type()),
+                         op);
+  }
+}
+
+void check_same_shape(const at::Tensor& other, const char* name, const at::Tensor& input,
+                      const char* op) {
+  TORCH_CHECK(other.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(other.device() == input.device(), op, ": expected ", name,
+              " to be on the same device as input (", input.device(), "), but got ", other.device());
+  TORCH_CHECK(other.sizes() == input.sizes(), op, ": expected ", name, " of shape ", input.sizes(),
+              ", but got ", other.sizes());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": expected ", name, " of dtype ",
+              input.scalar_type(), ", but got ", other.scalar_type());
+}
+
+namespace {
+
+// True when `t` is dense with dimension 1 innermost: (N, C, *) stored as (N, *, C).
+bool is_channels_innermost(const at::Tensor& t) {
+  return t.movedim(1, -1).is_contiguous();
+}
+
+}  // namespace
+
+std::pair<at::Tensor, Geometry> kernel_view(const at::Tensor& input) {
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    spatial *= input.size(d);
+  }
+  const auto geometry = [&](Layout layout) {
+    return Geometry{input.size(0), input.size(1), spatial, layout};
+  };
+  // Contiguous input with spatial dimensions is read plane by plane. Dense input with C innermost
+  // (channels_last, and contiguous 2-D (N, C)) is read as rows of C. Anything else is copied.
+  if (input.dim() > 2 && input.is_contiguous()) {
+    return {input, geometry(Layout::ChannelPlanes)};
+  }
+  if (is_channels_innermost(input)) {
+    return {input, geometry(Layout::ChannelsLast)};
+  }
+  return kernel_view(input.contiguous());
+}
+
+at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) {
+    return t;
+  }
+  at::Tensor out = at::empty_like(like);  // dense `like`: empty_like keeps its strides
+  out.copy_(t);
+  return out;
+}
+
+}  // namespace ckbn
+
+TORCH_LIBRARY(ckbn, m) {
+  // Per-channel mean and invstd = 1 / sqrt(biased_var + eps) over every dimension but 1.
+  m.def("batch_stats(Tensor input, float eps) -> (Tensor mean, Tensor invstd)");
+  // (input - mean) * invstd * weight + bias, in input's dtype and memory format.
+  m.def(
+      "normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor");
+  // Counts one batch in num_batches_tracked and folds (mean, unbiased var) into the running
+  // statistics, with `momentum`, or for momentum=None the cumulative average. `count` is the
+  // number of elements each channel's statistics were taken over (at least 2).
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!) num_batches_tracked, Tensor mean, Tensor invstd, float? momentum, float eps, "
+      "int count) -> ()");
+  // Gradients of normalize. With train=True, mean and invstd are taken to be the batch statistics
+  // of input and the full training-mode gradient is returned. An output whose mask entry is false
+  // is returned as an empty tensor of shape (0,).
+  m.def(
+      "backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "bool train, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  // The reduction half of the training backward, for statistics shared across processes:
+  // per-channel sum(grad_output) and sum(grad_output * (input - mean)), in the statistics dtype.
+  m.def(
+      "backward_reduce(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, "
+      "Tensor sum_dy_xmu)");
+  // The element-wise half: grad_input from the batch-wide means of the two sums above.
+  m.def(
+      "backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
+}

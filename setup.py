@@ -1,0 +1,125 @@
+"""Builds ckbn._C: the CPU kernels always, the CUDA kernels when a toolkit is found.
+
+Environment:
+  CKBN_CUDA=auto|1|0       auto (default): CUDA kernels when nvcc and a CUDA build of torch exist.
+  CUDA_HOME                toolkit root; otherwise asked of nvcc on PATH.
+  TORCH_CUDA_ARCH_LIST     architectures to build, e.g. "9.0"; default below when no GPU is visible.
+  MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build).
+  CKBN_DEBUG=1             -O0 -g builds.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+try:
+    import torch  # noqa: F401
+except ImportError:
+    sys.exit(
+        "ckbn: building needs torch importable in the build environment. Install torch first, then run\n"
+        "    pip install --no-build-isolation .\n"
+        "(plain `pip install .` builds in an isolated environment without your torch)."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Architectures shipped when no GPU is visible to pick from: Ampere, Ada, Hopper, plus PTX for
+# the newest so that later GPUs can JIT it.
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: CUDA_HOME/CUDA_PATH, else what nvcc itself reports as TOP.
+
+    nvcc on PATH may be a wrapper script elsewhere than the toolkit, which defeats torch's own guess
+    (dirname of dirname of `which nvcc`); `nvcc --dryrun` prints the real root.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.realpath(home)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        dry = None
+    if dry is not None:
+        for line in (dry.stdout + dry.stderr).splitlines():
+            # Lines look like "#$ TOP=/usr/local/cuda-13.0/bin/..".
+            key, _, value = line.lstrip("#$ ").partition("=")
+            if key == "TOP" and value:
+                top = os.path.realpath(value.strip())
+                if os.path.isfile(os.path.join(top, "bin", "nvcc")):
+                    return top
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def want_cuda(cuda_home):
+    mode = os.environ.get("CKBN_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"ckbn: CKBN_CUDA must be auto, 0 or 1, not {mode!r}")
+    if mode == "0":
+        return False
+    torch_has_cuda = torch.version.cuda is not None
+    if mode == "1":
+        if cuda_home is None:
+            sys.exit("ckbn: CKBN_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
+        if not torch_has_cuda:
+            sys.exit(f"ckbn: CKBN_CUDA=1 but torch {torch.__version__} is a CPU-only build")
+        return True
+    return cuda_home is not None and torch_has_cuda
+
+
+cuda_home = find_cuda_home()
+with_cuda = want_cuda(cuda_home)
+if with_cuda:
+    # torch.utils.cpp_extension reads CUDA_HOME once, when it is first imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def extension():
+    debug = os.environ.get("CKBN_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = list(opt)  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        nvcc_flags = opt + ["-lineinfo"]
+        return CUDAExtension(
+            "ckbn._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags + ["-DCKBN_WITH_CUDA"], "nvcc": nvcc_flags + ["-DCKBN_WITH_CUDA"]},
+        )
+    return CppExtension(
+        "ckbn._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+
+print(
+    f"ckbn: building {'CPU + CUDA' if with_cuda else 'CPU'} kernels"
+    + (f" (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})" if with_cuda else ""),
+    file=sys.stderr,
+)
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
