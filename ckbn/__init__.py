@@ -1,7 +1,17 @@
-"""ckbn: BatchNorm whose running statistics stay exact under activation checkpointing."""
+"""ckbn: BatchNorm whose running statistics stay exact under activation checkpointing.
+
+    import ckbn
+    model = ckbn.convert_model(model)            # or build with ckbn.BatchNorm2d directly
+    y = ckbn.checkpoint(block, x)                # recompute replays BatchNorm statistics
+
+See README.md for the backends and environment variables.
+"""
 
 from ._backend import ACTIVE as _ACTIVE
 from ._backend import cuda_compiled
+from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
+from .function import BatchNormFunction
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 
 __version__ = "0.1.0"
 
@@ -11,4 +21,15 @@ def backend() -> str:
     return _ACTIVE
 
 
-__all__ = ["backend", "cuda_compiled", "__version__"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormFunction",
+    "backend",
+    "checkpoint",
+    "checkpoint_sequential",
+    "convert_model",
+    "cuda_compiled",
+    "update_running_stats_in_backward",
+]
