@@ -28,12 +28,14 @@ from ._backend import ops
 from .function import BatchNormFunction
 from .reference import stats_dtype
 
-# The forward's first all_gather sends this frame whatever C is: (C, count), then mean and variance
-# for up to _FRAME_CHANNELS channels. Ranks that disagree on C thus still run collectives of one
-# size and all see the disagreement; a larger C sends its remaining channels in a second all_gather.
-_HEADER = 2
+# The forward's first all_gather sends this frame whatever C is: a header (C, count), then mean and
+# variance for up to _FRAME_CHANNELS channels. Ranks that disagree on C thus still run collectives of
+# one size and all see the disagreement; a larger C sends its remaining channels in a second all_gather.
+_HEADER = 3
 _FRAME_CHANNELS = 2048
 _FRAME_SIZE = _HEADER + 2 * _FRAME_CHANNELS
+# The count travels as two words below 2**24, which float32 holds exactly.
+_COUNT_WORD = 2**24
 
 
 def _all_gather(values: Tensor, group) -> Tensor:
@@ -55,10 +57,11 @@ def global_batch_stats(input: Tensor, eps: float, group) -> Tuple[Tensor, Tensor
     """
     channels = input.size(1)
     count = input.numel() // channels
-    # float64 carries the integer header exactly and is what the merge computes in.
-    frame = input.new_zeros(max(_FRAME_SIZE, _HEADER + 2 * channels), dtype=torch.float64)
+    acc = stats_dtype(input.dtype)
+    frame = input.new_zeros(max(_FRAME_SIZE, _HEADER + 2 * channels), dtype=acc)
     frame[0] = channels
-    frame[1] = count
+    frame[1] = count // _COUNT_WORD
+    frame[2] = count % _COUNT_WORD
     if count > 0:
         # eps=0: the biased variance then comes back from invstd to a few ulp, even far below eps.
         mean, invstd = ops.batch_stats(input, 0.0)
@@ -68,8 +71,8 @@ def global_batch_stats(input: Tensor, eps: float, group) -> Tuple[Tensor, Tensor
     gathered = _all_gather(frame[:_FRAME_SIZE], group)
     # The header must reach the host, to raise on a channel mismatch before another collective and to
     # give update_running_stats its int count: on CUDA this is the forward's one host synchronisation.
-    header = gathered[:, :_HEADER].tolist()
-    rank_channels = [int(c) for c, _ in header]
+    header = [[int(word) for word in row] for row in gathered[:, :_HEADER].tolist()]
+    rank_channels = [c for c, _, _ in header]
     if any(c != channels for c in rank_channels):
         raise RuntimeError(
             "SyncBatchNorm: the ranks of the process group disagree on the number of channels "
@@ -79,21 +82,21 @@ def global_batch_stats(input: Tensor, eps: float, group) -> Tuple[Tensor, Tensor
     if frame.numel() > _FRAME_SIZE:
         gathered = torch.cat([gathered, _all_gather(frame[_FRAME_SIZE:], group)], dim=1)
 
-    total = sum(int(n) for _, n in header)
+    total = sum(high * _COUNT_WORD + low for _, high, low in header)
     if total == 1:
         # torch's wording, about the batch that matters: the one spread over the group.
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()} on this "
             f"rank and 1 value per channel over the {len(header)} ranks of the process group"
         )
-    acc = stats_dtype(input.dtype)
     if total == 0:
         zeros = input.new_zeros(channels, dtype=acc)
         return zeros, torch.rsqrt(zeros + eps), 0
 
-    counts = gathered[:, 1:2]
-    means = gathered[:, _HEADER : _HEADER + channels]
-    variances = gathered[:, _HEADER + channels : _HEADER + 2 * channels]
+    rows = gathered[:, : _HEADER + 2 * channels].double()  # the merge runs in float64
+    counts = rows[:, 1:2] * _COUNT_WORD + rows[:, 2:3]
+    means = rows[:, _HEADER : _HEADER + channels]
+    variances = rows[:, _HEADER + channels :]
     mean = (counts * means).sum(0) / total
     # Chan et al.: M2 = sum over ranks of (M2_r + n_r * (mean_r - mean)^2), with M2_r = n_r * var_r.
     var = (counts * (variances + (means - mean) ** 2)).sum(0) / total

@@ -1,8 +1,9 @@
 """ckbn.SyncBatchNorm: across processes (gloo on 127.0.0.1) against torch's BatchNorm on the whole batch.
 
-Each multi-process test runs this file as a script in a few ranks (``python test_distributed.py
-SCENARIO RANK WORLD_SIZE PORT [ARGS]``) under a hard timeout, so that a hang fails instead of
-blocking CI. The ranks inherit CKBN_BACKEND, so they test the backend the parent tests.
+The multi-process tests run this file as a script in each rank (``python test_distributed.py RANK
+WORLD_SIZE PORT SCENARIO[:ARGUMENT]...``), once per world size for all of its scenarios, under a hard
+timeout so that a hang fails instead of blocking CI. The ranks inherit CKBN_BACKEND, so they test the
+backend the parent tests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import ckbn
+import ckbn.distributed
 
 TIMEOUT_S = 120
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)  # a rank left alone in a collective errors out
@@ -147,7 +149,7 @@ def _assert_same_on_every_rank(tensor: torch.Tensor) -> None:
 
 def low_precision(rank: int, world_size: int) -> None:
     """fp16/bf16 input with fp32 parameters (AMP) against fp64 on the whole batch; what travels is
-    the float64 frame of statistics and the float32 backward sums, never half precision."""
+    float32 statistics and sums, never half precision."""
     batches = [3, 5]
     mine = _slice(rank, batches)
     generator = torch.Generator().manual_seed(2)
@@ -163,7 +165,7 @@ def low_precision(rank: int, world_size: int) -> None:
             with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as reduce:
                 y = ours(x_ours)
                 y.backward(grad_out[mine])
-        assert [call.args[1].dtype for call in gather.call_args_list] == [torch.float64]
+        assert [call.args[1].dtype for call in gather.call_args_list] == [torch.float32]
         assert [call.args[0].dtype for call in reduce.call_args_list] == [torch.float32]
         y_oracle = oracle(x_oracle)
         y_oracle.backward(grad_out.double())
@@ -171,6 +173,19 @@ def low_precision(rank: int, world_size: int) -> None:
         torch.testing.assert_close(y.double(), y_oracle[mine], rtol=tol, atol=tol)
         torch.testing.assert_close(x_ours.grad.double(), x_oracle.grad[mine], rtol=tol, atol=tol)
         _assert_same_state(ours.double(), oracle, rtol=tol, atol=tol)
+
+
+def large_count(rank: int, world_size: int) -> None:
+    """A per-rank count beyond float32's exact integers still merges exactly (float32 statistics)."""
+    counts = [2**24 + 3, 5]
+    values = [1.0, 3.0]
+    x = torch.full((counts[rank], 1), values[rank])
+    mean, invstd, total = ckbn.distributed.global_batch_stats(x, 1e-5, dist.group.WORLD)
+    n, n0, n1 = sum(counts), *counts
+    assert total == n
+    torch.testing.assert_close(mean.double(), torch.tensor([(n0 * values[0] + n1 * values[1]) / n], dtype=torch.float64))
+    expected_var = n0 * n1 * (values[1] - values[0]) ** 2 / n**2
+    torch.testing.assert_close(invstd.double(), torch.tensor([(expected_var + 1e-5) ** -0.5], dtype=torch.float64))
 
 
 def _gloo_collectives(run) -> dict:
@@ -292,7 +307,7 @@ def errors(rank: int, world_size: int) -> None:
     assert bn.num_batches_tracked.item() == 1 and x.grad is not None
 
 
-SCENARIOS = {f.__name__: f for f in (uneven_batches, low_precision, collective_counts, ddp_training, errors)}
+SCENARIOS = {f.__name__: f for f in (uneven_batches, low_precision, large_count, collective_counts, ddp_training, errors)}
 
 
 def _rank_main(rank: str, world_size: str, port: str, *scenarios: str) -> None:
@@ -318,7 +333,7 @@ def _rank_main(rank: str, world_size: str, port: str, *scenarios: str) -> None:
 
 # One launch per world size runs all of its scenarios: every rank process spends seconds importing torch.
 LAUNCHES = {
-    2: ["collective_counts", "ddp_training", "uneven_batches:3,0", "low_precision", "errors"],
+    2: ["collective_counts", "ddp_training", "uneven_batches:3,0", "low_precision", "large_count", "errors"],
     3: ["uneven_batches:2,0,5"],
 }
 
@@ -350,6 +365,10 @@ def test_collectives_per_step(ranks):
 
 def test_half_precision_input_communicates_fp32_or_wider(ranks):
     _assert_passed(ranks(2), "low_precision")
+
+
+def test_count_beyond_float32_integers(ranks):
+    _assert_passed(ranks(2), "large_count")
 
 
 def test_ddp_with_checkpoint_matches_single_process(ranks):
