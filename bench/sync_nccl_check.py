@@ -30,45 +30,49 @@ class CrossProcessSyncBatchNorm(ckbn.SyncBatchNorm):
         return dist.group.WORLD if self.training else None
 
 
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 # (name, module class, torch class, input shape, input dtype, tolerance against float64)
 CASES = [
-    ("public module, fp64", ckbn.SyncBatchNorm, torch.nn.BatchNorm2d, (4, 8, 6, 6), torch.float64, 1e-10),
-    ("cross-process path, fp64", CrossProcessSyncBatchNorm, torch.nn.BatchNorm2d, (4, 8, 6, 6), torch.float64, 1e-10),
-    ("cross-process path, C > one gather frame", CrossProcessSyncBatchNorm, torch.nn.BatchNorm1d, (16, 2050), torch.float64, 1e-10),
-    ("cross-process path, fp32", CrossProcessSyncBatchNorm, torch.nn.BatchNorm3d, (2, 5, 4, 6, 3), torch.float32, 1e-4),
-    ("cross-process path, bf16 input, fp32 params", CrossProcessSyncBatchNorm, torch.nn.BatchNorm2d, (4, 8, 6, 6), torch.bfloat16, 5e-2),
+    ("public module, fp64", ckbn.SyncBatchNorm, torch.nn.BatchNorm2d, (4, 8, 6, 6), F64, 1e-10),
+    ("cross-process path, fp64", CrossProcessSyncBatchNorm, torch.nn.BatchNorm2d, (4, 8, 6, 6), F64, 1e-10),
+    ("cross-process path, C > one frame", CrossProcessSyncBatchNorm, torch.nn.BatchNorm1d, (16, 2050), F64, 1e-10),
+    ("cross-process path, fp32", CrossProcessSyncBatchNorm, torch.nn.BatchNorm3d, (2, 5, 4, 6, 3), F32, 1e-4),
+    ("cross-process path, bf16 input", CrossProcessSyncBatchNorm, torch.nn.BatchNorm2d, (4, 8, 6, 6), BF16, 5e-2),
 ]
 
 
 def check(module_cls, torch_cls, shape, dtype, tol, device) -> None:
+    """3 training steps and an eval forward; fp32 parameters for fp32 and bf16 input (AMP's layout)."""
     generator = torch.Generator().manual_seed(0)
-    oracle = torch_cls(shape[1], device=device, dtype=torch.float64)
+    oracle = torch_cls(shape[1], device=device, dtype=F64)
     with torch.no_grad():
         oracle.weight.copy_(torch.rand(shape[1], generator=generator) + 0.5)
         oracle.bias.copy_(torch.rand(shape[1], generator=generator) - 0.5)
-    ours = module_cls(shape[1], device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    ours = module_cls(shape[1], device=device, dtype=F64 if dtype == F64 else F32)
     ours.load_state_dict(oracle.state_dict())
+
+    def assert_close(actual, expected, what):
+        message = lambda m: f"{what}: {m}"  # noqa: E731
+        torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=tol, atol=tol, msg=message)
+
     for step in range(4):
-        train = step < 3
-        ours.train(train)
-        oracle.train(train)
+        ours.train(step < 3)
+        oracle.train(step < 3)
         x = (torch.randn(shape, generator=generator) * (step + 1) + step).to(device)
-        grad_out = torch.randn(shape, generator=generator).to(device)
+        grad_out = torch.randn(shape, generator=generator).to(device, dtype)
         x_ours = x.to(dtype).requires_grad_()
         x_oracle = x_ours.detach().double().requires_grad_()
         y_ours, y_oracle = ours(x_ours), oracle(x_oracle)
-        y_ours.backward(grad_out.to(dtype))
-        y_oracle.backward(grad_out.to(dtype).double())
-        close = dict(rtol=tol, atol=tol)
-        torch.testing.assert_close(y_ours.double(), y_oracle, **close, msg=lambda m: f"step {step} output: {m}")
-        torch.testing.assert_close(x_ours.grad.double(), x_oracle.grad, **close, msg=lambda m: f"step {step} grad_input: {m}")
+        y_ours.backward(grad_out)
+        y_oracle.backward(grad_out.double())
+        assert_close(y_ours, y_oracle, f"step {step} output")
+        assert_close(x_ours.grad, x_oracle.grad, f"step {step} grad_input")
         for name in ("weight", "bias"):
-            ours_grad, oracle_grad = getattr(ours, name).grad, getattr(oracle, name).grad
-            torch.testing.assert_close(ours_grad.double(), oracle_grad, **close, msg=lambda m: f"step {step} {name}.grad: {m}")
+            assert_close(getattr(ours, name).grad, getattr(oracle, name).grad, f"step {step} {name}.grad")
         ours.zero_grad()
         oracle.zero_grad()
         for key, value in oracle.state_dict().items():
-            torch.testing.assert_close(ours.state_dict()[key].to(value.dtype), value, **close, msg=lambda m: f"step {step} {key}: {m}")
+            assert_close(ours.state_dict()[key], value, f"step {step} {key}")
 
 
 def main() -> int:

@@ -183,7 +183,8 @@ def large_count(rank: int, world_size: int) -> None:
     mean, invstd, total = ckbn.distributed.global_batch_stats(x, 1e-5, dist.group.WORLD)
     n, n0, n1 = sum(counts), *counts
     assert total == n
-    torch.testing.assert_close(mean.double(), torch.tensor([(n0 * values[0] + n1 * values[1]) / n], dtype=torch.float64))
+    expected_mean = (n0 * values[0] + n1 * values[1]) / n
+    torch.testing.assert_close(mean.double(), torch.tensor([expected_mean], dtype=torch.float64))
     expected_var = n0 * n1 * (values[1] - values[0]) ** 2 / n**2
     torch.testing.assert_close(invstd.double(), torch.tensor([(expected_var + 1e-5) ** -0.5], dtype=torch.float64))
 
@@ -205,9 +206,8 @@ def collective_counts(rank: int, world_size: int) -> None:
     batches = [3, 5]
     mine = _slice(rank, batches)
     torch.manual_seed(0)
-    base = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4)
-    ).double()
+    layers = [torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3)]
+    base = torch.nn.Sequential(*layers, torch.nn.BatchNorm2d(4)).double()
     _randomize_affine(base, seed=1)
     x = torch.randn(sum(batches), 3, 7, 7, dtype=torch.float64)
     modes = {
@@ -307,7 +307,9 @@ def errors(rank: int, world_size: int) -> None:
     assert bn.num_batches_tracked.item() == 1 and x.grad is not None
 
 
-SCENARIOS = {f.__name__: f for f in (uneven_batches, low_precision, large_count, collective_counts, ddp_training, errors)}
+SCENARIOS = {
+    f.__name__: f for f in (uneven_batches, low_precision, large_count, collective_counts, ddp_training, errors)
+}
 
 
 def _rank_main(rank: str, world_size: str, port: str, *scenarios: str) -> None:
@@ -429,8 +431,9 @@ def test_convert_sync_batchnorm():
         assert type(bn) is ckbn.SyncBatchNorm and bn.process_group is group and not bn.training
         for attribute in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
             assert getattr(bn, attribute) == getattr(source, attribute)
-        for (name, ours), (_, theirs) in zip(bn.state_dict(keep_vars=True).items(), source.state_dict(keep_vars=True).items()):
-            assert ours is theirs, name  # shared, not copied
+        theirs = source.state_dict(keep_vars=True)
+        for name, ours in bn.state_dict(keep_vars=True).items():
+            assert ours is theirs[name], name  # shared, not copied
     root = ckbn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(3))
     assert type(root) is ckbn.SyncBatchNorm and root.process_group is None
 
