@@ -217,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(threads)
     cpu = device.type == "cpu"
     report = {
-        "machine": f"CPU, {args.threads} thread(s)" if cpu else torch.cuda.get_device_name(device),
+        "machine": f"CPU, threads: {args.threads}" if cpu else torch.cuda.get_device_name(device),
         "device": str(device),
         "ckbn_backend": ckbn.backend(),
         "torch": torch.__version__,
