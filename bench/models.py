@@ -12,7 +12,9 @@ given as a ratio to ``torch`` from the same run. On CPU: time is the minimum ove
 median of CUDA-event timings, and memory is the peak of torch.cuda.max_memory_allocated above what
 the model and its gradients hold before the step.
 
-    python bench/models.py [--quick] [--device cuda] [--json PATH] [--md PATH] [--plot PATH]
+    python -m bench.models [--quick] [--device cuda] [--json PATH] [--md PATH] [--plot PATH]
+
+(from the repository root, so that ``ckbn`` imports from the working tree).
 
 Needs torchvision; writes a PNG plot only when matplotlib is importable.
 """
@@ -182,7 +184,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="torch device (default: cuda if ckbn can run there, else cpu)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
