@@ -11,7 +11,7 @@ keys, ``isinstance`` checks and ``extra_repr`` are torch's own. Only ``forward``
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -36,19 +36,43 @@ def _validate(module: torch.nn.modules.batchnorm._BatchNorm, input: Tensor) -> N
         vec = getattr(module, name)
         if vec is not None and vec.numel() != input.size(1):
             raise RuntimeError(f"{name} should contain {input.size(1)} elements not {vec.numel()}")
-    if module.training and input.numel() == input.size(1):
-        # torch's own wording (torch.nn.functional._verify_batch_size).
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
-def batch_norm_forward(module: torch.nn.modules.batchnorm._BatchNorm, input: Tensor, batch_stats=None) -> Tensor:
-    """The forward of every ckbn BatchNorm module.
+class LocalStatistics:
+    """Where a training forward's batch statistics come from: this process's batch alone.
 
-    ``batch_stats(input) -> (mean, invstd)`` computes the batch statistics of a fresh (non-replayed)
-    training forward; SyncBatchNorm passes its cross-process version. By default it is the
-    ``batch_stats`` op.
+    The strategy :func:`batch_norm_forward` consults; SyncBatchNorm's (``ckbn.distributed``) merges
+    the statistics of every process instead.
     """
+
+    def check_batch_size(self, input: Tensor) -> None:
+        if input.numel() == input.size(1):
+            # torch's own wording (torch.nn.functional._verify_batch_size).
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+    def compute(self, input: Tensor, eps: float) -> Tuple[Tensor, Tensor, int]:
+        """(mean, invstd, count) of a fresh (non-replayed) training forward; count is per channel."""
+        mean, invstd = ops.batch_stats(input, eps)
+        return mean, invstd, input.numel() // input.size(1)
+
+    def normalize(
+        self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor
+    ) -> Tensor:
+        return BatchNormFunction.apply(input, weight, bias, mean, invstd, True)
+
+
+LOCAL_STATISTICS = LocalStatistics()
+
+
+def batch_norm_forward(
+    module: torch.nn.modules.batchnorm._BatchNorm,
+    input: Tensor,
+    statistics: LocalStatistics = LOCAL_STATISTICS,
+) -> Tensor:
+    """The forward of every ckbn BatchNorm module; ``statistics`` supplies the batch statistics."""
     _validate(module, input)
+    if module.training:
+        statistics.check_batch_size(input)
     use_batch_stats = module.training or module.running_mean is None
     if not use_batch_stats:
         acc = stats_dtype(input.dtype)
@@ -59,10 +83,12 @@ def batch_norm_forward(module: torch.nn.modules.batchnorm._BatchNorm, input: Ten
     # Statistics are inputs of the Function, not part of its graph: its backward differentiates
     # through them analytically, so they are computed on a detached view.
     detached = input.detach()
-    if batch_stats is None:
-        compute = lambda: ops.batch_stats(detached, module.eps)  # noqa: E731
-    else:
-        compute = lambda: batch_stats(detached)  # noqa: E731
+    count = 0  # per channel, over the whole batch; known only when the statistics are computed
+
+    def compute() -> checkpointing.Stats:
+        nonlocal count
+        mean, invstd, count = statistics.compute(detached, module.eps)
+        return mean, invstd
 
     if torch.compiler.is_compiling():
         # The compiler traces the forward once and decides recomputation itself; it never reruns
@@ -72,9 +98,8 @@ def batch_norm_forward(module: torch.nn.modules.batchnorm._BatchNorm, input: Ten
         (mean, invstd), replayed = checkpointing.resolve_batch_stats(compute, input.size(1), input.device)
         recompute = replayed or checkpointing.in_backward_pass()
 
-    output = BatchNormFunction.apply(input, module.weight, module.bias, mean, invstd, True)
+    output = statistics.normalize(input, module.weight, module.bias, mean, invstd)
 
-    count = input.numel() // input.size(1)
     if module.training and module.track_running_stats and not recompute and count > 0:
         ops.update_running_stats(
             module.running_mean,
@@ -117,9 +142,10 @@ _CONVERSIONS: Dict[Type[torch.nn.Module], Type[torch.nn.Module]] = {
 }
 
 
-def _transplant(source: torch.nn.modules.batchnorm._BatchNorm, target_cls: Type) -> torch.nn.Module:
+def _transplant(source: torch.nn.modules.batchnorm._BatchNorm, target_cls: Type, **kwargs) -> torch.nn.Module:
     """A ``target_cls`` sharing ``source``'s parameters and buffers (the same tensors, so an
-    optimizer built on the old model keeps working) and its training flag."""
+    optimizer built on the old model keeps working) and its training flag. ``kwargs`` go to the
+    ``target_cls`` constructor."""
     target = target_cls(
         source.num_features,
         eps=source.eps,
@@ -127,6 +153,7 @@ def _transplant(source: torch.nn.modules.batchnorm._BatchNorm, target_cls: Type)
         affine=source.affine,
         track_running_stats=source.track_running_stats,
         device="meta",
+        **kwargs,
     )
     with torch.no_grad():
         for name, param in source.named_parameters(recurse=False):
@@ -139,6 +166,19 @@ def _transplant(source: torch.nn.modules.batchnorm._BatchNorm, target_cls: Type)
     return target
 
 
+def _replace_modules(module: torch.nn.Module, replacement: Callable[[torch.nn.Module], Optional[torch.nn.Module]]):
+    """``module`` with every submodule for which ``replacement`` returns a module replaced by it,
+    recursively; a new object when ``module`` itself is replaced."""
+    replaced = replacement(module)
+    if replaced is not None:
+        return replaced
+    for name, child in module.named_children():
+        converted = _replace_modules(child, replacement)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
 def convert_model(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every torch BatchNorm1d/2d/3d in ``module`` with its ckbn equivalent, recursively.
 
@@ -146,11 +186,9 @@ def convert_model(module: torch.nn.Module) -> torch.nn.Module:
     kept. Returns the converted module (a new object when ``module`` itself is a BatchNorm), like
     :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
     """
-    target_cls = _CONVERSIONS.get(type(module))
-    if target_cls is not None:
-        return _transplant(module, target_cls)
-    for name, child in module.named_children():
-        converted = convert_model(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+
+    def replacement(child: torch.nn.Module) -> Optional[torch.nn.Module]:
+        target_cls = _CONVERSIONS.get(type(child))
+        return _transplant(child, target_cls) if target_cls is not None else None
+
+    return _replace_modules(module, replacement)

@@ -3,6 +3,7 @@
     import ckbn
     model = ckbn.convert_model(model)            # or build with ckbn.BatchNorm2d directly
     y = ckbn.checkpoint(block, x)                # recompute replays BatchNorm statistics
+    model = ckbn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP: statistics over every rank
 
 See README.md for the backends and environment variables.
 """
@@ -10,6 +11,7 @@ See README.md for the backends and environment variables.
 from ._backend import ACTIVE as _ACTIVE
 from ._backend import cuda_compiled
 from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
+from .distributed import SyncBatchNorm
 from .function import BatchNormFunction
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 
@@ -26,6 +28,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "SyncBatchNorm",
     "backend",
     "checkpoint",
     "checkpoint_sequential",
