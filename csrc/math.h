@@ -12,6 +12,11 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CKBN_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced inline, as under nvcc: the CPU kernels evaluate these templates on vector types compiled
+// for a wider target than this header, and only once inlined into such a kernel can the vector
+// operators inside be inlined too.
+#define CKBN_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define CKBN_HOST_DEVICE inline
 #endif
