@@ -167,23 +167,60 @@ void for_row_groups(const RowGroups& g, int64_t begin, int64_t end, const Fn& ru
   }
 }
 
-template <typename T>
-std::vector<T> tile(const std::vector<T>& per_channel, const RowGroups& g) {
-  std::vector<T> slots(g.width);
-  for (int64_t s = 0; s < g.width; ++s) {
-    slots[s] = per_channel[s % g.channels];
+// Each channel's value in each of its slots.
+template <typename acc_t>
+void tile(const acc_t* per_channel, const RowGroups& g, acc_t* slots) {
+  for (int64_t r = 0; r < g.rows; ++r) {
+    std::copy(per_channel, per_channel + g.channels, slots + r * g.channels);
   }
-  return slots;
 }
 
 // Each channel's total over its slots.
 template <typename acc_t>
-std::vector<acc_t> fold(const std::vector<acc_t>& slots, const RowGroups& g) {
-  std::vector<acc_t> per_channel(g.channels, acc_t(0));
-  for (int64_t s = 0; s < g.width; ++s) {
-    per_channel[s % g.channels] += slots[s];
+void fold(const acc_t* slots, const RowGroups& g, acc_t* per_channel) {
+  std::copy(slots, slots + g.channels, per_channel);
+  for (int64_t r = 1; r < g.rows; ++r) {
+    for (int64_t c = 0; c < g.channels; ++c) {
+      per_channel[c] += slots[r * g.channels + c];
+    }
   }
-  return per_channel;
+}
+
+// Adds rows [begin, end) of ChannelsLast data into kAcc arrays of per-slot sums, one vector block of
+// slots at a time so that its accumulators stay in registers down the rows:
+//   block_op(acc, i, offset) adds the terms of slots i .. i + kSize, element `offset` on, to acc;
+//   element_op(s, offset) adds the terms of one element, of slot s, to the arrays directly (for
+//   slots past the last whole block, and for a last row group cut short by `end`).
+template <typename scalar_t, size_t kAcc, typename BlockOp, typename ElementOp>
+void reduce_columns(const RowGroups& groups, int64_t begin, int64_t end,
+                    const std::array<acc_type<scalar_t>*, kAcc>& slots, const BlockOp& block_op,
+                    const ElementOp& element_op) {
+  using B = Block<scalar_t>;
+  using Vec = typename B::Vec;
+  const int64_t whole_groups = (end - begin) / groups.rows;
+  const int64_t first = begin * groups.channels;
+  int64_t i = 0;
+  for (; i + B::kSize <= groups.width; i += B::kSize) {
+    std::array<typename B::Vecs, kAcc> acc;
+    acc.fill(B::zeros());
+    for (int64_t r = 0; r < whole_groups; ++r) {
+      block_op(acc, i, first + r * groups.width + i);
+    }
+    for (size_t a = 0; a < kAcc; ++a) {
+      for (int k = 0; k < B::kVecs; ++k) {
+        accumulate(slots[a] + i + k * Vec::size(), acc[a][k]);
+      }
+    }
+  }
+  for (; i < groups.width; ++i) {
+    for (int64_t r = 0; r < whole_groups; ++r) {
+      element_op(i, first + r * groups.width + i);
+    }
+  }
+  const int64_t cut_short = (end - begin - whole_groups * groups.rows) * groups.channels;
+  for (int64_t s = 0; s < cut_short; ++s) {
+    element_op(s, first + whole_groups * groups.width + s);
+  }
 }
 
 // Rows of a ChannelsLast reduction chunk: at least kChunk elements, whole row groups.
@@ -239,33 +276,50 @@ std::vector<acc_t> channel_values(const c10::optional<at::Tensor>& t, acc_t fill
 
 // The fields of math.h's coefficient structs, so that Broadcast and Columns serve every struct.
 template <typename T>
-std::array<T, 3> fields(const NormalizeCoeffs<T>& c) {
+C10_ALWAYS_INLINE std::array<T, 3> fields(const NormalizeCoeffs<T>& c) {
   return {c.mean, c.scale, c.shift};
 }
 
 template <typename T>
-std::array<T, 4> fields(const BackwardCoeffs<T>& c) {
+C10_ALWAYS_INLINE std::array<T, 4> fields(const BackwardCoeffs<T>& c) {
   return {c.mean, c.mean_dy, c.projection, c.scale};
 }
 
-template <template <typename> class Coeffs, typename T, size_t n>
-Coeffs<T> from_fields(const std::array<T, n>& f) {
-  return std::apply([](auto... v) { return Coeffs<T>{v...}; }, f);
+template <template <typename> class Coeffs, typename T, size_t n, size_t... j>
+C10_ALWAYS_INLINE Coeffs<T> from_fields(const std::array<T, n>& f, std::index_sequence<j...>) {
+  return Coeffs<T>{f[j]...};
 }
 
-// One channel's coefficients for every element of a plane: get<Vec>(i) broadcasts them.
+template <template <typename> class Coeffs, typename T, size_t n>
+C10_ALWAYS_INLINE Coeffs<T> from_fields(const std::array<T, n>& f) {
+  return from_fields<Coeffs>(f, std::make_index_sequence<n>());
+}
+
+// One channel's coefficients for every element of a plane: get<Vec>(i) gives them broadcast.
 template <template <typename> class Coeffs, typename acc_t>
 struct Broadcast {
-  Coeffs<acc_t> c;
+  using Vec = at::vec::Vectorized<acc_t>;
+  Coeffs<acc_t> scalar;
+  Coeffs<Vec> vec;
 
-  template <typename T>
-  C10_ALWAYS_INLINE Coeffs<T> get(int64_t) const {
+  explicit Broadcast(const Coeffs<acc_t>& c) : scalar(c), vec(splat(c)) {}
+
+  static Coeffs<Vec> splat(const Coeffs<acc_t>& c) {
     const auto f = fields(c);
-    std::array<T, std::tuple_size_v<decltype(f)>> out;
+    std::array<Vec, std::tuple_size_v<decltype(f)>> out;
     for (size_t j = 0; j < f.size(); ++j) {
-      out[j] = T(f[j]);
+      out[j] = Vec(f[j]);
     }
     return from_fields<Coeffs>(out);
+  }
+
+  template <typename T>
+  C10_ALWAYS_INLINE const Coeffs<T>& get(int64_t) const {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      return scalar;
+    } else {
+      return vec;
+    }
   }
 };
 
@@ -311,7 +365,7 @@ void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>
   if (g.layout == Layout::ChannelPlanes) {
     at::parallel_for(0, g.batch * g.channels, grain(g.spatial), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
-        run(plane * g.spatial, g.spatial, Broadcast<Coeffs, acc_t>{per_channel[plane % g.channels]});
+        run(plane * g.spatial, g.spatial, Broadcast<Coeffs, acc_t>(per_channel[plane % g.channels]));
       }
     });
     return;
@@ -418,57 +472,53 @@ std::vector<Welford<acc_type<scalar_t>>> row_moments(const scalar_t* x, const Ge
   const RowGroups groups = row_groups(g.channels, B::kSize);
   const int64_t blocks = row_blocks(g);
   std::vector<Welford<acc_t>> partial(blocks * g.channels, math::welford_empty<acc_t>());
-  // Per range: slot sums of the first pass, the shift, then slot sums of d and d^2.
-  std::vector<acc_t> scratch(blocks * 4 * groups.width);
+  // Per range: three slot arrays and three per-channel arrays.
+  const int64_t scratch_size = 3 * (groups.width + g.channels);
+  std::vector<acc_t> scratch(blocks * scratch_size);
 
   parallel_row_chunks(g.rows(), blocks, chunk_rows(groups), [&](int64_t b, int64_t begin, int64_t end) {
-    acc_t* sum = scratch.data() + b * 4 * groups.width;
-    acc_t* shift = sum + groups.width;
-    acc_t* sum_d = shift + groups.width;
-    acc_t* sum_d2 = sum_d + groups.width;
-    std::fill(sum, sum + groups.width, acc_t(0));
-    for_row_groups(groups, begin, end, [&](int64_t offset, int64_t len) {
-      for_blocks(
-          x + offset, len,
-          [&](int64_t i, const typename B::Vecs& v) {
-            for (int k = 0; k < B::kVecs; ++k) {
-              accumulate(sum + i + k * Vec::size(), v[k]);
-            }
-          },
-          [&](int64_t i, acc_t v) { sum[i] += v; });
-    });
-    const int64_t rows = end - begin;
-    std::vector<acc_t> channel_shift =
-        fold(std::vector<acc_t>(sum, sum + groups.width), groups);
-    for (auto& s : channel_shift) {
-      s /= static_cast<acc_t>(rows);
+    acc_t* slot_sum = scratch.data() + b * scratch_size;  // first-pass sums, then the shift
+    acc_t* slot_d = slot_sum + groups.width;
+    acc_t* slot_d2 = slot_d + groups.width;
+    acc_t* shift = slot_d2 + groups.width;
+    acc_t* sum_d = shift + g.channels;
+    acc_t* sum_d2 = sum_d + g.channels;
+    std::fill(slot_sum, slot_sum + 3 * groups.width, acc_t(0));
+    reduce_columns<scalar_t, 1>(
+        groups, begin, end, {slot_sum},
+        [&](auto& acc, int64_t, int64_t offset) {
+          const auto v = B::load(x + offset);
+          for (int k = 0; k < B::kVecs; ++k) {
+            acc[0][k] += v[k];
+          }
+        },
+        [&](int64_t s, int64_t offset) { slot_sum[s] += static_cast<acc_t>(x[offset]); });
+    fold(slot_sum, groups, shift);
+    for (int64_t c = 0; c < g.channels; ++c) {
+      shift[c] /= static_cast<acc_t>(end - begin);
     }
-    const std::vector<acc_t> tiled_shift = tile(channel_shift, groups);
-    std::copy(tiled_shift.begin(), tiled_shift.end(), shift);
-    std::fill(sum_d, sum_d + 2 * groups.width, acc_t(0));
-    for_row_groups(groups, begin, end, [&](int64_t offset, int64_t len) {
-      for_blocks(
-          x + offset, len,
-          [&](int64_t i, const typename B::Vecs& v) {
-            for (int k = 0; k < B::kVecs; ++k) {
-              const int64_t j = i + k * Vec::size();
-              const Vec d = v[k] - Vec::loadu(shift + j);
-              accumulate(sum_d + j, d);
-              at::vec::fmadd(d, d, Vec::loadu(sum_d2 + j)).store(sum_d2 + j);
-            }
-          },
-          [&](int64_t i, acc_t v) {
-            const acc_t d = v - shift[i];
-            sum_d[i] += d;
-            sum_d2[i] += d * d;
-          });
-    });
-    const auto channel_d = fold(std::vector<acc_t>(sum_d, sum_d + groups.width), groups);
-    const auto channel_d2 = fold(std::vector<acc_t>(sum_d2, sum_d2 + groups.width), groups);
+    tile(shift, groups, slot_sum);
+    reduce_columns<scalar_t, 2>(
+        groups, begin, end, {slot_d, slot_d2},
+        [&](auto& acc, int64_t i, int64_t offset) {
+          const auto v = B::load(x + offset);
+          for (int k = 0; k < B::kVecs; ++k) {
+            const Vec d = v[k] - Vec::loadu(slot_sum + i + k * Vec::size());
+            acc[0][k] += d;
+            acc[1][k] = at::vec::fmadd(d, d, acc[1][k]);
+          }
+        },
+        [&](int64_t s, int64_t offset) {
+          const acc_t d = static_cast<acc_t>(x[offset]) - slot_sum[s];
+          slot_d[s] += d;
+          slot_d2[s] += d * d;
+        });
+    fold(slot_d, groups, sum_d);
+    fold(slot_d2, groups, sum_d2);
     for (int64_t c = 0; c < g.channels; ++c) {
       auto& w = partial[b * g.channels + c];
       w = math::welford_merge(
-          w, math::welford_from_shifted_sums(rows, channel_shift[c], channel_d[c], channel_d2[c]));
+          w, math::welford_from_shifted_sums(end - begin, shift[c], sum_d[c], sum_d2[c]));
     }
   });
 
@@ -565,42 +615,43 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
   const RowGroups groups = row_groups(g.channels, B::kSize);
-  const std::vector<acc_t> tiled_mean = tile(mean, groups);
+  std::vector<acc_t> slot_mean(groups.width);
+  tile(mean.data(), groups, slot_mean.data());
   const int64_t blocks = row_blocks(g);
-  std::vector<acc_t> partial_dy(blocks * g.channels, acc_t(0));
-  std::vector<acc_t> partial_dy_xmu(blocks * g.channels, acc_t(0));
-  std::vector<acc_t> scratch(blocks * 2 * groups.width);
+  // Per range: the per-channel totals of dy and dy_xmu, then two slot arrays and two per-channel
+  // arrays for the chunk.
+  const int64_t scratch_size = 4 * g.channels + 2 * groups.width;
+  std::vector<acc_t> scratch(blocks * scratch_size, acc_t(0));
 
   parallel_row_chunks(g.rows(), blocks, chunk_rows(groups), [&](int64_t b, int64_t begin, int64_t end) {
-    acc_t* slot_dy = scratch.data() + b * 2 * groups.width;
+    acc_t* total_dy = scratch.data() + b * scratch_size;
+    acc_t* total_dy_xmu = total_dy + g.channels;
+    acc_t* chunk_dy = total_dy_xmu + g.channels;
+    acc_t* chunk_dy_xmu = chunk_dy + g.channels;
+    acc_t* slot_dy = chunk_dy_xmu + g.channels;
     acc_t* slot_dy_xmu = slot_dy + groups.width;
     std::fill(slot_dy, slot_dy + 2 * groups.width, acc_t(0));
-    for_row_groups(groups, begin, end, [&](int64_t offset, int64_t len) {
-      const scalar_t* dy_run = dy + offset;
-      for_blocks(
-          x + offset, len,
-          [&](int64_t i, const typename B::Vecs& v) {
-            const auto d = B::load(dy_run + i);
-            for (int k = 0; k < B::kVecs; ++k) {
-              const int64_t j = i + k * Vec::size();
-              accumulate(slot_dy + j, d[k]);
-              at::vec::fmadd(d[k], v[k] - Vec::loadu(tiled_mean.data() + j),
-                             Vec::loadu(slot_dy_xmu + j))
-                  .store(slot_dy_xmu + j);
-            }
-          },
-          [&](int64_t i, acc_t v) {
-            const acc_t d = static_cast<acc_t>(dy_run[i]);
-            slot_dy[i] += d;
-            slot_dy_xmu[i] += d * (v - tiled_mean[i]);
-          });
-    });
-    const auto chunk_dy = fold(std::vector<acc_t>(slot_dy, slot_dy + groups.width), groups);
-    const auto chunk_dy_xmu =
-        fold(std::vector<acc_t>(slot_dy_xmu, slot_dy_xmu + groups.width), groups);
+    reduce_columns<scalar_t, 2>(
+        groups, begin, end, {slot_dy, slot_dy_xmu},
+        [&](auto& acc, int64_t i, int64_t offset) {
+          const auto v = B::load(x + offset);
+          const auto d = B::load(dy + offset);
+          for (int k = 0; k < B::kVecs; ++k) {
+            acc[0][k] += d[k];
+            acc[1][k] = at::vec::fmadd(d[k], v[k] - Vec::loadu(slot_mean.data() + i + k * Vec::size()),
+                                       acc[1][k]);
+          }
+        },
+        [&](int64_t s, int64_t offset) {
+          const acc_t d = static_cast<acc_t>(dy[offset]);
+          slot_dy[s] += d;
+          slot_dy_xmu[s] += d * (static_cast<acc_t>(x[offset]) - slot_mean[s]);
+        });
+    fold(slot_dy, groups, chunk_dy);
+    fold(slot_dy_xmu, groups, chunk_dy_xmu);
     for (int64_t c = 0; c < g.channels; ++c) {
-      partial_dy[b * g.channels + c] += chunk_dy[c];
-      partial_dy_xmu[b * g.channels + c] += chunk_dy_xmu[c];
+      total_dy[c] += chunk_dy[c];
+      total_dy_xmu[c] += chunk_dy_xmu[c];
     }
   });
 
@@ -608,8 +659,8 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
                        std::vector<acc_t>(g.channels, acc_t(0))};
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t c = 0; c < g.channels; ++c) {
-      sums.dy[c] += partial_dy[b * g.channels + c];
-      sums.dy_xmu[c] += partial_dy_xmu[b * g.channels + c];
+      sums.dy[c] += scratch[b * scratch_size + c];
+      sums.dy_xmu[c] += scratch[b * scratch_size + g.channels + c];
     }
   }
   return sums;
@@ -685,8 +736,8 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
           sums->dy_xmu[c] = sum_dy_xmu;
         }
         if (dx != nullptr) {
-          const Broadcast<BackwardCoeffs, acc_t> coeffs{
-              channel_backward_coeffs(params, c, sum_dy, sum_dy_xmu, count, train)};
+          const Broadcast<BackwardCoeffs, acc_t> coeffs(
+              channel_backward_coeffs(params, c, sum_dy, sum_dy_xmu, count, train));
           for (int64_t n = 0; n < g.batch; ++n) {
             grad_input_run(dy, x, dx, (n * g.channels + c) * g.spatial, g.spatial, coeffs);
           }
