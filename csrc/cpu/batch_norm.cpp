@@ -42,6 +42,47 @@ std::pair<at::Tensor, Geometry> loop_view(const at::Tensor& input) {
   return {view, g};
 }
 
+// The memory format of element-wise results, as the reference and the fake kernels give it:
+// channels_last and channels_last_3d input keep theirs, anything else gives contiguous output.
+at::MemoryFormat output_format(const at::Tensor& input) {
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous()) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d) &&
+      !input.is_contiguous()) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// Whether a and b (same shape) put every element at the same offset.
+bool same_offsets(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0) {
+    return true;
+  }
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// An element pass's result in output_format(input); `fill(out)` writes `out` laid out like the
+// kernel view x. Only channels-innermost input that torch does not call channels_last, such as
+// (N, C, L) transposed from (N, L, C), is written in x's order and then copied.
+template <typename Fill>
+at::Tensor element_output(const at::Tensor& input, const at::Tensor& x, const Fill& fill) {
+  at::Tensor out = at::empty(input.sizes(), x.options().memory_format(output_format(input)));
+  if (same_offsets(out, x)) {
+    fill(out);
+    return out;
+  }
+  at::Tensor in_view_order = at::empty_like(x);
+  fill(in_view_order);
+  return out.copy_(in_view_order);
+}
+
 at::Tensor channel_tensor(const at::Tensor& input) {
   return at::empty({input.size(1)}, input.options().dtype(stats_dtype(input.scalar_type())));
 }
@@ -76,9 +117,9 @@ at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::
   check_affine(weight, "weight", input, op);
   check_affine(bias, "bias", input, op);
   const auto [x, g] = loop_view(input);
-  at::Tensor output = at::empty_like(x);
-  kernels().normalize(x, g, mean, invstd, weight, bias, output);
-  return output;
+  return element_output(input, x, [&](const at::Tensor& output) {
+    kernels().normalize(x, g, mean, invstd, weight, bias, output);
+  });
 }
 
 void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -148,14 +189,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto [x, g] = loop_view(input);
   const at::Tensor dy = match_strides(grad_output, x);
 
-  at::Tensor grad_input = need_input ? at::empty_like(x) : at::Tensor();
   at::Tensor sum_dy;
   at::Tensor sum_dy_xmu;
   if ((train && need_input) || need_weight || need_bias) {
     sum_dy = channel_tensor(input);
     sum_dy_xmu = channel_tensor(input);
   }
-  kernels().backward(dy, x, g, mean, invstd, weight, train, grad_input, sum_dy, sum_dy_xmu);
+  at::Tensor grad_input = at::empty({0}, input.options());
+  if (need_input) {
+    grad_input = element_output(input, x, [&](const at::Tensor& out) {
+      kernels().backward(dy, x, g, mean, invstd, weight, train, out, sum_dy, sum_dy_xmu);
+    });
+  } else {
+    kernels().backward(dy, x, g, mean, invstd, weight, train, at::Tensor(), sum_dy, sum_dy_xmu);
+  }
 
   const auto param_dtype =
       weight.has_value() && weight->defined() ? weight->scalar_type() : mean.scalar_type();
@@ -173,9 +220,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     grad_weight = sum_dy_xmu.to(param_dtype);
   }
   at::Tensor grad_bias = need_bias ? sum_dy.to(param_dtype) : no_grad();
-  if (!need_input) {
-    grad_input = at::empty({0}, input.options());
-  }
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -202,10 +246,10 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   check_stats(mean_dy_xmu, "mean_dy_xmu", input, op);
   check_affine(weight, "weight", input, op);
   const auto [x, g] = loop_view(input);
-  at::Tensor grad_input = at::empty_like(x);
-  kernels().backward_elemt(match_strides(grad_output, x), x, g, mean, invstd, weight, mean_dy,
-                           mean_dy_xmu, grad_input);
-  return grad_input;
+  const at::Tensor dy = match_strides(grad_output, x);
+  return element_output(input, x, [&](const at::Tensor& grad_input) {
+    kernels().backward_elemt(dy, x, g, mean, invstd, weight, mean_dy, mean_dy_xmu, grad_input);
+  });
 }
 
 }  // namespace

@@ -436,6 +436,9 @@ template <typename scalar_t>
 std::vector<Welford<acc_type<scalar_t>>> plane_moments(const scalar_t* x, const Geometry& g) {
   using acc_t = acc_type<scalar_t>;
   std::vector<Welford<acc_t>> moments(g.channels, math::welford_empty<acc_t>());
+  if (g.per_channel() == 0) {
+    return moments;
+  }
   const int64_t plane_stride = g.channels * g.spatial;
   at::parallel_for(0, g.channels, grain(g.per_channel()), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
