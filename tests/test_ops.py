@@ -190,6 +190,26 @@ def test_variance_of_offset_data(layout, device):
     torch.testing.assert_close(mean.double().cpu(), expected_mean.cpu(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 70, 70), (4, 8, 64, 64)], ids=str)
+def test_inputs_split_into_chunks_and_threads(shape, layout, threads, device):
+    """Inputs big enough that kernels merge several chunks per channel and split work between threads."""
+    x, dy, weight, _, _ = backward_inputs(shape, layout, torch.float32, device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mean, invstd = ops.batch_stats(x, EPS)
+        grads = ops.backward(dy, x, mean, invstd, weight, True, [True, True, True])
+    finally:
+        torch.set_num_threads(previous)
+    var, expected_mean = torch.var_mean(x.double(), dim=reduce_dims(x), correction=0)
+    assert_close(mean, expected_mean, torch.float32)
+    assert_close(invstd, torch.rsqrt(var + EPS), torch.float32)
+    for actual, expected in zip(grads, oracle_backward(x, dy, weight, mean, invstd, True)):
+        torch.testing.assert_close(actual.double().cpu(), expected.cpu(), rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (2, 3, 0)], ids=str)
 def test_empty_batch(shape, device):
     x = torch.empty(shape, device=device)
