@@ -2,18 +2,9 @@
 #include "cpu/kernels.h"
 
 #ifdef CKBN_CPU_X86_DISPATCH
+#define CKBN_KERNELS kernels_avx2
 #define CKBN_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "cpu/loops.h"
-
-namespace ckbn {
-namespace cpu {
-
-const Kernels& kernels_avx2() {
-  return kKernels;
-}
-
-}  // namespace cpu
-}  // namespace ckbn
 #endif

@@ -2,18 +2,9 @@
 #include "cpu/kernels.h"
 
 #ifdef CKBN_CPU_X86_DISPATCH
+#define CKBN_KERNELS kernels_avx512
 #define CKBN_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "cpu/loops.h"
-
-namespace ckbn {
-namespace cpu {
-
-const Kernels& kernels_avx512() {
-  return kKernels;
-}
-
-}  // namespace cpu
-}  // namespace ckbn
 #endif

@@ -1,8 +1,9 @@
 // The CPU loops of every ckbn op, on at::vec::Vectorized<acc_t>. Included once by each
-// kernels_*.cpp, which may set CKBN_TARGET (a GCC target string) and CPU_CAPABILITY first: the
+// kernels_*.cpp, which names the table it defines (CKBN_KERNELS) and may set CKBN_TARGET (a GCC
+// target string) and CPU_CAPABILITY first: the
 // headers before the target pragma below stay generic, so that the inline functions they define,
 // which the linker shares between the copies, run on every CPU; only the vector headers and the
-// loops take the target. Everything here has internal linkage.
+// loops take the target. Everything here but the table has internal linkage.
 //
 // Two loop shapes serve both layouts of kernel_view:
 //   ChannelPlanes [N][C][HW]: each (n, c) plane is a contiguous run of one channel, whose
@@ -849,8 +850,13 @@ void backward_elemt(const at::Tensor& dy, const at::Tensor& x, const Geometry& g
   });
 }
 
-constexpr Kernels kKernels{&batch_stats, &normalize, &backward, &backward_elemt};
-
 }  // namespace
+
+// kernels_default(), kernels_avx2() or kernels_avx512(), as the including file names it.
+const Kernels& CKBN_KERNELS() {
+  static constexpr Kernels kernels{&batch_stats, &normalize, &backward, &backward_elemt};
+  return kernels;
+}
+
 }  // namespace cpu
 }  // namespace ckbn
