@@ -96,6 +96,12 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = list(opt)  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    # at::parallel_for is inline and runs serially unless the calling code is compiled with OpenMP;
+    # GOMP's symbols then resolve to the libgomp that torch already loaded.
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc_flags = opt + ["-lineinfo"]
@@ -104,12 +110,14 @@ def extension():
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags + ["-DCKBN_WITH_CUDA"], "nvcc": nvcc_flags + ["-DCKBN_WITH_CUDA"]},
+            extra_link_args=link_flags,
         )
     return CppExtension(
         "ckbn._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 

@@ -12,6 +12,11 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CKBN_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced inline, as under nvcc: the CPU kernels evaluate these templates on vector types compiled
+// for a wider target than this header, and only once inlined into such a kernel can the vector
+// operators inside be inlined too.
+#define CKBN_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define CKBN_HOST_DEVICE inline
 #endif
@@ -65,6 +70,17 @@ CKBN_HOST_DEVICE Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b
 template <typename acc_t>
 CKBN_HOST_DEVICE Welford<acc_t> welford_from_moments(int64_t count, acc_t mean, acc_t m2) {
   return Welford<acc_t>{mean, m2, count};
+}
+
+// A chunk of `count` (> 0) elements summarised around `shift`, an approximate mean (a first pass's
+// rounded one): sum_d = sum(x - shift), sum_d2 = sum((x - shift)^2). The sum_d terms correct the
+// mean and M2 for the error in shift, so the result does not depend on how good shift was.
+template <typename acc_t>
+CKBN_HOST_DEVICE Welford<acc_t> welford_from_shifted_sums(int64_t count, acc_t shift, acc_t sum_d,
+                                                         acc_t sum_d2) {
+  const acc_t mean_d = sum_d / static_cast<acc_t>(count);
+  const acc_t m2 = sum_d2 - sum_d * mean_d;
+  return welford_from_moments(count, shift + mean_d, m2 > acc_t(0) ? m2 : acc_t(0));
 }
 
 // Biased variance of the merged moments; an empty channel has variance 0 rather than NaN.
