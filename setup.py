@@ -95,20 +95,21 @@ def extension():
     debug = os.environ.get("CKBN_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = list(opt)  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    # csrc is searched for "quoted" includes only: as an -I directory its math.h would shadow the
+    # system <math.h> that CUDA's and Python's headers include.
+    quote_csrc = "-iquote" + os.path.join(ROOT, "csrc")
+    cxx_flags = opt + [quote_csrc]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc_flags = opt + ["-lineinfo"]
+        nvcc_flags = opt + ["-lineinfo", "-Xcompiler", quote_csrc]
         return CUDAExtension(
             "ckbn._C",
             sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags + ["-DCKBN_WITH_CUDA"], "nvcc": nvcc_flags + ["-DCKBN_WITH_CUDA"]},
         )
     return CppExtension(
         "ckbn._C",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
     )
 
