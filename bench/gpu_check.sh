@@ -35,14 +35,16 @@ time_left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 dry() { [[ "$DRY_RUN" != 0 ]]; }
 
-# step NAME LIMIT LOG [--gpu] CMD...: runs CMD under `timeout`, never past the budget, appending
-# its output to LOG. With --gpu the command needs a GPU, and a dry run only prints it. Returns
-# CMD's status (0 for a dry-run print).
+# step NAME LIMIT LOG [--gpu] [--pytest] CMD...: runs CMD under `timeout`, never past the budget,
+# appending its output to LOG. With --gpu the command needs a GPU, and a dry run only prints it.
+# With --pytest, exit status 5 (no tests collected) counts as a pass. Returns CMD's status (0 for
+# a dry-run print).
 step() {
   local name=$1 limit=$2 log=$3
   shift 3
-  local needs_gpu=0
+  local needs_gpu=0 pytest=0
   if [[ "$1" == --gpu ]]; then needs_gpu=1; shift; fi
+  if [[ "$1" == --pytest ]]; then pytest=1; shift; fi
   local left
   left=$(time_left)
   if ((left < 15)); then
@@ -53,31 +55,26 @@ step() {
   echo "### $name (timeout ${limit}s): $*" >> "$log"
   if dry && ((needs_gpu)); then
     echo "[dry run] $*" >> "$log"
-    record "$name" DRY 0 "printed, not run: $*"
+    record "$name" DRY 0 "printed to $(basename "$log"), not run"
     return 0
   fi
-  local t0=$(date +%s)
+  local t0 first_line
+  t0=$(date +%s)
+  first_line=$(($(wc -l < "$log") + 1))
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   local dt=$(($(date +%s) - t0))
+  if ((pytest && rc == 5)); then
+    record "$name" PASS "$dt" "no tests collected"
+    return 0
+  fi
   case $rc in
     0) record "$name" PASS "$dt" "" ;;
     124 | 137) record "$name" TIMEOUT "$dt" "killed after ${limit}s; see $(basename "$log")" ;;
     *) record "$name" FAIL "$dt" "exit $rc; see $(basename "$log")" ;;
   esac
   if ((rc != 0)); then
-    tail -n 15 "$log" | sed 's/^/    | /'
-  fi
-  return $rc
-}
-
-# pytest exits 5 when nothing was collected: no such tests here is not a failure.
-pytest_or_none() {
-  "$@"
-  local rc=$?
-  if ((rc == 5)); then
-    echo "(no tests collected)"
-    return 0
+    tail -n "+$first_line" "$log" | tail -n 15 | sed 's/^/    | /'
   fi
   return $rc
 }
@@ -110,8 +107,9 @@ if $PYTHON -c 'import pytest' 2> /dev/null; then
   HAVE_PYTEST=1
   step "tests: test_cuda.py" 180 "$OUT_DIR/tests.log" \
     "${TEST_ENV[@]}" $PYTHON -m pytest tests/test_cuda.py -m "not slow" -q -rs -p no:cacheprovider
-  step "tests: -k cuda" 120 "$OUT_DIR/tests.log" \
-    pytest_or_none "${TEST_ENV[@]}" $PYTHON -m pytest tests --ignore=tests/test_cuda.py -k cuda -m "not slow" -q -rs -p no:cacheprovider
+  step "tests: -k cuda" 120 "$OUT_DIR/tests.log" --pytest \
+    "${TEST_ENV[@]}" $PYTHON -m pytest tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_emulated.py -k cuda \
+    -m "not slow" -q -rs -p no:cacheprovider
 else
   echo "pytest is not installed here: the CUDA tests are skipped; bench/gpu_smoke.py below is the only correctness check" | tee -a "$OUT_DIR/tests.log"
   record "tests" SKIP 0 "pytest not installed (gpu_smoke is the fallback)"
@@ -143,22 +141,25 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # 4. Benchmark: its JSON and markdown are rewritten after every row, so a timeout keeps a prefix.
-BENCH_ARGS=(--json "$OUT_DIR/ops-cuda.json" --md "$OUT_DIR/ops-cuda.md" --plot "$OUT_DIR/ops-cuda.png")
+BENCH_DEVICE=cuda
+dry && BENCH_DEVICE=cpu
+BENCH_ARGS=(--device "$BENCH_DEVICE" --json "$OUT_DIR/ops-$BENCH_DEVICE.json" --md "$OUT_DIR/ops-$BENCH_DEVICE.md"
+  --plot "$OUT_DIR/ops-$BENCH_DEVICE.png")
 SLOW_RESERVE=$((HAVE_PYTEST ? 100 : 0))
 BENCH_LIMIT=$(($(time_left) - SLOW_RESERVE - 10))
 ((BENCH_LIMIT > 420)) && BENCH_LIMIT=420
 if dry; then
-  step "bench (dry: cpu)" 120 "$OUT_DIR/bench.log" $PYTHON bench/ops.py --device cpu --quick --runs 20 "${BENCH_ARGS[@]}"
-  echo "[dry run] $PYTHON bench/ops.py --device cuda ${BENCH_ARGS[*]}" >> "$OUT_DIR/bench.log"
+  step "bench (dry: cpu)" 120 "$OUT_DIR/bench.log" $PYTHON bench/ops.py --quick "${BENCH_ARGS[@]}"
 else
-  step bench "$BENCH_LIMIT" "$OUT_DIR/bench.log" $PYTHON bench/ops.py --device cuda "${BENCH_ARGS[@]}"
+  step bench "$BENCH_LIMIT" "$OUT_DIR/bench.log" $PYTHON bench/ops.py "${BENCH_ARGS[@]}"
 fi
 
 # ---------------------------------------------------------------------------------------------
 # 5. The slow tests with whatever time is left.
 if ((HAVE_PYTEST)); then
-  step "tests: slow" 150 "$OUT_DIR/tests.log" --gpu \
-    pytest_or_none "${TEST_ENV[@]}" $PYTHON -m pytest tests -k cuda -m slow -q -rs -p no:cacheprovider
+  step "tests: slow" 150 "$OUT_DIR/tests.log" --gpu --pytest \
+    "${TEST_ENV[@]}" $PYTHON -m pytest tests -k cuda -m slow --ignore=tests/test_cuda_emulated.py -q -rs \
+    -p no:cacheprovider
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <tuple>
@@ -731,8 +733,17 @@ int64_t clamp_splits(int64_t v, int64_t hi) { return v < 1 ? 1 : (v > hi ? hi : 
 // Two waves of resident blocks: enough to fill the GPU, few enough that split reductions stay
 // cheap to merge.
 int64_t target_blocks(const at::Tensor& on) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, on.get_device()));
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> multiprocessors{};  // 0: not asked yet
+  const int device = on.get_device();
+  const bool cached = device >= 0 && device < kMaxDevices;
+  int sms = cached ? multiprocessors[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (cached) {
+      multiprocessors[device].store(sms, std::memory_order_relaxed);
+    }
+  }
   return static_cast<int64_t>(sms) * kMinBlocksPerSM * 2;
 }
 

@@ -1,6 +1,6 @@
 """Runs the emulated CUDA kernels (see build.py) against ckbn.reference on CPU tensors.
 
-    CKBN_BACKEND=reference python tests/cuda_emulation/check_kernels.py [-k SUBSTRING]
+    CKBN_BACKEND=reference python tests/cuda_emulation/check_kernels.py [-k SUBSTRING] [--dtypes float32,...]
 
 The shapes are chosen so that every path of batch_norm.cu runs: scalar and vector loads, channel
 tiles that C does not fill, channels split across blocks (batch and spatial splits, staged partial
@@ -165,6 +165,7 @@ def run_running_stats(gen, failures):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="run only cases whose label contains this")
+    parser.add_argument("--dtypes", help="comma-separated subset of float64,float32,float16,bfloat16")
     args = parser.parse_args()
     if os.environ.get("CKBN_BACKEND") != "reference":
         print("set CKBN_BACKEND=reference: the emulated kernels define the ckbn library themselves")
@@ -175,8 +176,9 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     failures: list[str] = []
     runs = 0
+    wanted = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else DTYPES
     for name, shape, layout in CASES:
-        for dtype in (DTYPES[:2] if name in LARGE else DTYPES):
+        for dtype in [d for d in (DTYPES[:2] if name in LARGE else DTYPES) if d in wanted]:
             label = f"{name} {shape} {layout} {str(dtype).replace('torch.', '')}"
             if args.k not in label:
                 continue
