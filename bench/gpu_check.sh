@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check of ckbn's CUDA backend on a lent GPU machine (H100/H200, about 8 minutes):
 #   1. build ckbn._C in place for sm_90 and import it
-#   2. the CUDA tests (tests/test_cuda.py; tests with "cuda" in their id elsewhere), not the slow
-#      ones; bench/gpu_smoke.py (every op, both layouts), which also stands in when pytest is missing
+#   2. the CUDA tests (tests/test_cuda.py; tests with "cuda" in their id elsewhere), first without
+#      the slow ones, then the slow ones (more than 2^31 elements); bench/gpu_smoke.py (every op,
+#      both layouts), which also stands in when pytest is missing
 #   3. compute-sanitizer memcheck and racecheck over bench/gpu_smoke.py
-#   4. bench/ops.py --device cuda
-#   5. the slow tests (more than 2^31 elements), if time is left
+#   4. bench/ops.py --device cuda, with the time that is left
 # and prints a summary table last. Each step has its own timeout; a failing step does not stop the
 # next. Everything is written to $OUT when set (else bench/out/gpu_check): build.log, tests.log,
 # sanitizer.log, bench.log, ops-cuda.{json,md,png}, summary.md.
@@ -92,8 +92,12 @@ step() {
 step build 300 "$OUT_DIR/build.log" --gpu \
   env CKBN_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PYTHON setup.py build_ext --inplace
 if dry; then
-  # The CPU side of the build still has to compile; a dry run checks that much.
-  step "build (CPU only)" 300 "$OUT_DIR/build.log" env CKBN_CUDA=0 MAX_JOBS=2 $PYTHON setup.py build_ext --inplace
+  # The CPU side of the build still has to compile; a dry run checks that much, in a scratch
+  # directory so that an in-place build of ckbn._C stays as it is.
+  SCRATCH=$(mktemp -d)
+  step "build (CPU only)" 300 "$OUT_DIR/build.log" env CKBN_CUDA=0 MAX_JOBS=2 $PYTHON setup.py build_ext \
+    --build-temp "$SCRATCH/temp" --build-lib "$SCRATCH/lib"
+  rm -rf "$SCRATCH"
 fi
 step import 60 "$OUT_DIR/build.log" --gpu \
   env CKBN_REQUIRE_EXTENSION=1 $PYTHON -c 'import ckbn; assert ckbn.cuda_compiled(), "ckbn._C has no CUDA kernels"; print("ckbn", ckbn.backend(), "cuda kernels: yes")'
@@ -110,6 +114,9 @@ if $PYTHON -c 'import pytest' 2> /dev/null; then
   step "tests: -k cuda" 120 "$OUT_DIR/tests.log" --pytest \
     "${TEST_ENV[@]}" $PYTHON -m pytest tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_emulated.py -k cuda \
     -m "not slow" -q -rs -p no:cacheprovider
+  step "tests: slow" 120 "$OUT_DIR/tests.log" --gpu --pytest \
+    "${TEST_ENV[@]}" $PYTHON -m pytest tests -k cuda -m slow --ignore=tests/test_cuda_emulated.py -q -rs \
+    -p no:cacheprovider
 else
   echo "pytest is not installed here: the CUDA tests are skipped; bench/gpu_smoke.py below is the only correctness check" | tee -a "$OUT_DIR/tests.log"
   record "tests" SKIP 0 "pytest not installed (gpu_smoke is the fallback)"
@@ -124,14 +131,14 @@ fi
 # 3. compute-sanitizer over the smoke workload. Without the caching allocator every tensor is its
 # own allocation, so memcheck sees accesses past a tensor's end.
 if command -v compute-sanitizer > /dev/null 2>&1 || dry; then
-  FILTER=()
+  FILTER=(--print-limit 20)
   if command -v compute-sanitizer > /dev/null 2>&1 && compute-sanitizer --help 2>&1 | grep -q -- '--kernel-name'; then
-    FILTER=(--kernel-name kns=ckbn)  # check ckbn's kernels, not torch's
+    FILTER+=(--kernel-name kns=ckbn)  # check ckbn's kernels, not torch's
   fi
   for tool in memcheck racecheck; do
-    step "sanitizer: $tool" 150 "$OUT_DIR/sanitizer.log" --gpu \
+    step "sanitizer: $tool" 120 "$OUT_DIR/sanitizer.log" --gpu \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" "${FILTER[@]}" --error-exitcode 1 \
-      --print-limit 20 $PYTHON bench/gpu_smoke.py --device cuda
+      $PYTHON bench/gpu_smoke.py --device cuda
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitizer.log" | tail -n 1 | sed 's/^/    /'
   done
 else
@@ -140,26 +147,17 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 4. Benchmark: its JSON and markdown are rewritten after every row, so a timeout keeps a prefix.
+# 4. Benchmark, with the time left: its JSON and markdown are rewritten after every row, so a
+# timeout keeps the rows measured so far.
 BENCH_DEVICE=cuda
 dry && BENCH_DEVICE=cpu
 BENCH_ARGS=(--device "$BENCH_DEVICE" --json "$OUT_DIR/ops-$BENCH_DEVICE.json" --md "$OUT_DIR/ops-$BENCH_DEVICE.md"
   --plot "$OUT_DIR/ops-$BENCH_DEVICE.png")
-SLOW_RESERVE=$((HAVE_PYTEST ? 100 : 0))
-BENCH_LIMIT=$(($(time_left) - SLOW_RESERVE - 10))
-((BENCH_LIMIT > 420)) && BENCH_LIMIT=420
+BENCH_LIMIT=$(($(time_left) - 10))
 if dry; then
   step "bench (dry: cpu)" 120 "$OUT_DIR/bench.log" $PYTHON bench/ops.py --quick "${BENCH_ARGS[@]}"
 else
   step bench "$BENCH_LIMIT" "$OUT_DIR/bench.log" $PYTHON bench/ops.py "${BENCH_ARGS[@]}"
-fi
-
-# ---------------------------------------------------------------------------------------------
-# 5. The slow tests with whatever time is left.
-if ((HAVE_PYTEST)); then
-  step "tests: slow" 150 "$OUT_DIR/tests.log" --gpu --pytest \
-    "${TEST_ENV[@]}" $PYTHON -m pytest tests -k cuda -m slow --ignore=tests/test_cuda_emulated.py -q -rs \
-    -p no:cacheprovider
 fi
 
 # ---------------------------------------------------------------------------------------------

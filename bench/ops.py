@@ -123,9 +123,11 @@ class Timer:
 
     def pair(self, first: Callable[[int], object], second: Callable[[int], object]) -> List[float]:
         fns = (first, second)
+        # The second callable runs half a rotation behind, never on the buffer the first just read.
+        buffer = lambda run, k: (run + k * (self.buffers // 2)) % self.buffers  # noqa: E731
         for r in range(self.warmup):
-            for fn in fns:
-                fn(r % self.buffers)
+            for k, fn in enumerate(fns):
+                fn(buffer(r, k))
         samples: List[List[float]] = [[], []]
         if self.device == "cuda":
             events = []
@@ -133,7 +135,7 @@ class Timer:
                 for k, fn in enumerate(fns):
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
-                    fn(r % self.buffers)
+                    fn(buffer(r, k))
                     end.record()
                     events.append((k, start, end))
             torch.cuda.synchronize()
@@ -143,7 +145,7 @@ class Timer:
         for r in range(self.runs):
             for k, fn in enumerate(fns):
                 begin = time.perf_counter()
-                fn(r % self.buffers)
+                fn(buffer(r, k))
                 samples[k].append((time.perf_counter() - begin) * 1e3)
         return [min(s) for s in samples]
 
@@ -211,19 +213,15 @@ class Setup:
             return self.torch_backward(i, self.torch_train(self.leaves[i]))
 
         return {
-            "train-fwd": (lambda i: self.ckbn_train(i), lambda i: self.with_no_grad(self.torch_train, self.x[i])),
+            # torch's forwards record autograd history, as in training and in a checkpoint's recompute.
+            "train-fwd": (lambda i: self.ckbn_train(i), lambda i: self.torch_train(self.x[i])),
             "eval-fwd": (ckbn_eval, lambda i: F.batch_norm(self.x[i], self.running_mean, self.running_var,
                                                            self.weight, self.bias, training=False, eps=EPS)),
             "replay-fwd": (lambda i: self.ops.normalize(self.x[i], *self.stats[i], self.weight, self.bias),
-                           lambda i: self.with_no_grad(self.torch_train, self.x[i])),
+                           lambda i: self.torch_train(self.x[i])),
             "bwd": (self.ckbn_backward, self.torch_backward),
             "fwd+bwd": (ckbn_fwd_bwd, torch_fwd_bwd),
         }
-
-    @staticmethod
-    def with_no_grad(fn, *args):
-        with torch.no_grad():
-            return fn(*args)
 
 
 def copy_ms(timer: Timer, nbytes_like: torch.Tensor, buffers: int) -> float:
@@ -302,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--layouts", help="comma-separated subset of NCHW,NHWC,NC")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--runs", type=int, help="timed runs per implementation (default: CPU 20, CUDA 50; --quick halves)")
+    parser.add_argument("--runs", type=int, help="timed runs per implementation (default: CPU 20, CUDA 30; --quick halves)")
     parser.add_argument("--json", help="default bench/out/ops-<device>.json")
     parser.add_argument("--md", help="default bench/out/ops-<device>.md")
     parser.add_argument("--plot", help="PNG of ratios per shape (needs matplotlib); default bench/out/ops-<device>.png")
@@ -321,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}")
-    runs = args.runs or ((20 if device == "cpu" else 50) // (2 if args.quick else 1))
+    runs = args.runs or ((20 if device == "cpu" else 30) // (2 if args.quick else 1))
     if device == "cpu":
         runs = max(runs, 20)  # the minimum of at least 20 runs
     paths = {ext: getattr(args, ext) or os.path.join(OUT_DIR, f"ops-{device}.{ext}") for ext in ("json", "md")}

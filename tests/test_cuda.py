@@ -25,6 +25,7 @@ SHAPES = {
     "odd-channels": (16, 37, 6, 6),  # channels_last: C not a multiple of the channel tile
     "cross-block": (64, 4, 128, 128),  # a channel split across blocks, partial results merged
     "batchnorm1d": (512, 100),
+    "unit-spatial": (32, 48, 1, 1),  # contiguous, read as [N][C]
 }
 # Output tolerance per dtype; statistics are float32 (float64 for float64 input).
 TOL = {

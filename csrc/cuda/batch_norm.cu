@@ -787,8 +787,8 @@ LaunchPlan make_plan(const Geometry& g, std::initializer_list<const void*> point
   if (g.layout == Layout::ChannelPlanes) {
     p.vec = vector_width(g.spatial, kPlaneVec<scalar_t>, sizeof(scalar_t), pointers);
     const int64_t spatial_vecs = g.spatial / p.vec;
-    const int tx = static_cast<int>(
-        min_of<int64_t>(std::max<int64_t>(next_pow2(spatial_vecs), 32), kThreads));
+    // Narrow planes get narrow rows of threads and more planes per block.
+    const int tx = static_cast<int>(min_of<int64_t>(next_pow2(spatial_vecs), kThreads));
     const int ty = kThreads / tx;
     const int64_t rows = rows_per_tile(p.vec * sizeof(scalar_t));
     const int64_t by_work = g.per_channel() / (kThreads * elements_per_thread);
@@ -900,6 +900,10 @@ void check_stats(const at::Tensor& vec, const char* name, const at::Tensor& inpu
 struct KernelInput {
   KernelInput(const at::Tensor& input, const char* op) : guard(cuda_device(input, op)) {
     std::tie(view, geometry) = kernel_view(input);
+    if (geometry.spatial == 1) {
+      // [N][C][1] is [N][C]: the channels-last kernels read it along C, coalesced.
+      geometry.layout = Layout::ChannelsLast;
+    }
   }
 
   static c10::Device cuda_device(const at::Tensor& input, const char* op) {

@@ -37,6 +37,8 @@ CASES = [
     ("split-spatial", (3, 2, 181, 181), "planes"),
     ("split-rows", (8, 8, 64, 64), "last"),
     ("batchnorm1d", (64, 10), "planes"),
+    ("unit-spatial", (8, 24, 1, 1), "planes"),
+    ("narrow-spatial", (16, 6, 3), "planes"),
     ("batchnorm1d-split", (5000, 16), "planes"),
     ("ncl", (4, 6, 10), "planes"),
     ("ncl", (4, 6, 10), "last"),
