@@ -95,7 +95,10 @@ def extension():
     debug = os.environ.get("CKBN_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = list(opt)  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    # csrc is searched for "quoted" includes only: as an -I directory its math.h would shadow the
+    # system <math.h> that CUDA's and Python's headers include.
+    quote_csrc = "-iquote" + os.path.join(ROOT, "csrc")
+    cxx_flags = opt + [quote_csrc]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     # at::parallel_for is inline and runs serially unless the calling code is compiled with OpenMP;
     # GOMP's symbols then resolve to the libgomp that torch already loaded.
     link_flags = []
@@ -104,18 +107,16 @@ def extension():
         link_flags.append("-fopenmp")
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc_flags = opt + ["-lineinfo"]
+        nvcc_flags = opt + ["-lineinfo", "-Xcompiler", quote_csrc]
         return CUDAExtension(
             "ckbn._C",
             sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags + ["-DCKBN_WITH_CUDA"], "nvcc": nvcc_flags + ["-DCKBN_WITH_CUDA"]},
             extra_link_args=link_flags,
         )
     return CppExtension(
         "ckbn._C",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )

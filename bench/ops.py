@@ -1,0 +1,385 @@
+"""Op-level benchmark: ckbn's operators against torch's batch norm, side by side in one process.
+
+    python bench/ops.py --device cpu  [--threads 1] [--quick] [--shapes 32x64x56x56,...]
+    python bench/ops.py --device cuda [--quick] [--dtypes float16,bfloat16] [--cases fwd+bwd]
+
+Cases (ckbn | torch):
+  train-fwd   batch_stats + normalize + update_running_stats | F.batch_norm(training=True) with running buffers
+  eval-fwd    invstd from running_var + normalize            | F.batch_norm(training=False)
+  replay-fwd  normalize with given statistics                | F.batch_norm(training=True): what a
+              checkpointed forward recomputes with torch, and replays with ckbn
+  bwd         backward(train=True)                           | autograd backward of F.batch_norm (graph prebuilt)
+  fwd+bwd     train-fwd + bwd                                | training forward + autograd backward
+
+Method. CPU: torch.set_num_threads(--threads), ckbn and torch runs alternate, the minimum of --runs
+runs is reported. CUDA: CUDA events around each call, after a warm-up; ckbn and torch alternate
+and rotate among enough input buffers that the L2 cache holds none of them; the median is
+reported. Each row gives torch/ckbn (above 1: ckbn is faster) and, on CUDA, bandwidth as a
+fraction of a device-to-device copy moving the same bytes, measured in the same run (ckbn's
+passes over the tensor: 2 for normalize, 3 for the training forward, 5 for the backward; a fused
+backward moves fewer bytes, so it can exceed 1).
+
+Results go to bench/out/ops-<device>.{json,md,png} unless --json/--md/--plot say otherwise; the
+JSON and markdown are rewritten after every row, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ckbn  # noqa: E402
+from ckbn import _backend, reference  # noqa: E402
+
+EPS = 1e-5
+MOMENTUM = 0.1
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+CASES = ("train-fwd", "eval-fwd", "replay-fwd", "bwd", "fwd+bwd")
+# ckbn's passes over a tensor of the input's size, for the bandwidth column.
+PASSES = {"train-fwd": 3, "eval-fwd": 2, "replay-fwd": 2, "bwd": 5, "fwd+bwd": 8}
+
+
+def _resnet50(batch: int) -> List[tuple]:
+    return [(batch, c, hw, hw) for c, hw in ((64, 112), (64, 56), (256, 56), (128, 28), (512, 28),
+                                             (256, 14), (1024, 14), (512, 7), (2048, 7))]
+
+
+SHAPES = {
+    "cpu": [(32, 64, 56, 56)],
+    "cuda": _resnet50(256) + [(64, 64, 112, 112), (64, 256, 56, 56), (64, 1024, 14, 14), (64, 2048, 7, 7)]
+    + [(4096, 1024)],
+}
+QUICK_SHAPES = {
+    "cpu": [(8, 64, 28, 28)],
+    "cuda": [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7), (4096, 1024)],
+}
+DTYPES = {"cpu": ["float32"], "cuda": ["float32", "float16", "bfloat16"]}
+
+
+@dataclass
+class Row:
+    case: str
+    shape: List[int]
+    layout: str
+    dtype: str
+    ckbn_ms: float
+    torch_ms: float
+    ratio: float  # torch / ckbn
+    tensor_mib: float
+    bandwidth: Optional[float] = None  # fraction of copy bandwidth (CUDA)
+    targets: List[str] = field(default_factory=list)
+    missed: List[str] = field(default_factory=list)
+
+
+def targets_for(device: str, row: Row, threads: int) -> Dict[str, Callable[[Row], bool]]:
+    """The targets a row is held to, by name."""
+    found: Dict[str, Callable[[Row], bool]] = {}
+    if device == "cuda":
+        if row.case == "fwd+bwd":
+            found["torch/ckbn >= 1.10"] = lambda r: r.ratio >= 1.10
+        if row.case == "replay-fwd":
+            found["torch/ckbn >= 1.50"] = lambda r: r.ratio >= 1.50
+        if row.tensor_mib >= 64:
+            found["bandwidth >= 85% of copy"] = lambda r: r.bandwidth is not None and r.bandwidth >= 0.85
+    elif row.case == "fwd+bwd" and row.dtype == "float32" and threads == 1 and tuple(row.shape) == (32, 64, 56, 56):
+        need = 1.5 if row.layout == "NCHW" else 1.0
+        found[f"torch/ckbn >= {need:.2f}"] = lambda r, need=need: r.ratio >= need
+    return found
+
+
+def implementation(device: str):
+    """The ckbn operators to measure on `device`, and a line saying which they are."""
+    has_kernels = _backend.extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "ckbn::batch_stats", device.upper()
+    )
+    if has_kernels:
+        return _backend.ops, f"ckbn compiled {device} kernels"
+    why = "the compiled extension is not loaded" if not _backend.extension_loaded else (
+        f"this build of ckbn._C has no {device} kernels"
+    )
+    print(f"NOTE: {why}; measuring ckbn.reference (pure PyTorch) instead", file=sys.stderr)
+    return reference, "ckbn.reference (no compiled kernels for this device)"
+
+
+class Timer:
+    """Times callables taking a buffer index: alternating two of them, rotating buffers."""
+
+    def __init__(self, device: str, runs: int, warmup: int, buffers: int):
+        self.device, self.runs, self.warmup, self.buffers = device, runs, warmup, buffers
+
+    def pair(self, first: Callable[[int], object], second: Callable[[int], object]) -> List[float]:
+        fns = (first, second)
+        # The second callable runs half a rotation behind, never on the buffer the first just read.
+        buffer = lambda run, k: (run + k * (self.buffers // 2)) % self.buffers  # noqa: E731
+        for r in range(self.warmup):
+            for k, fn in enumerate(fns):
+                fn(buffer(r, k))
+        samples: List[List[float]] = [[], []]
+        if self.device == "cuda":
+            events = []
+            for r in range(self.runs):
+                for k, fn in enumerate(fns):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(buffer(r, k))
+                    end.record()
+                    events.append((k, start, end))
+            torch.cuda.synchronize()
+            for k, start, end in events:
+                samples[k].append(start.elapsed_time(end))
+            return [statistics.median(s) for s in samples]
+        for r in range(self.runs):
+            for k, fn in enumerate(fns):
+                begin = time.perf_counter()
+                fn(buffer(r, k))
+                samples[k].append((time.perf_counter() - begin) * 1e3)
+        return [min(s) for s in samples]
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "NHWC" else x.contiguous()
+
+
+class Setup:
+    """Inputs, parameters, statistics and prebuilt autograd graphs for one shape, layout and dtype."""
+
+    def __init__(self, ops, shape, layout, dtype, device, buffers):
+        self.ops = ops
+        channels = shape[1]
+        acc = reference.stats_dtype(dtype)
+        make = lambda: in_layout(torch.randn(shape, device=device, dtype=dtype), layout)  # noqa: E731
+        self.x = [make() for _ in range(buffers)]
+        self.dy = [make() for _ in range(buffers)]
+        # AMP keeps parameters and running buffers in float32 beside half input.
+        self.weight = torch.rand(channels, device=device, dtype=acc) + 0.5
+        self.bias = torch.randn(channels, device=device, dtype=acc)
+        self.running_mean = torch.zeros(channels, device=device, dtype=acc)
+        self.running_var = torch.ones(channels, device=device, dtype=acc)
+        self.batches = torch.zeros((), device=device, dtype=torch.long)
+        self.count = self.x[0].numel() // channels
+        self.stats = [ops.batch_stats(x, EPS) for x in self.x]
+        self.leaves = [x.detach().requires_grad_() for x in self.x]
+        self.weight_leaf = self.weight.detach().requires_grad_()
+        self.bias_leaf = self.bias.detach().requires_grad_()
+        # The graphs save their running buffers, which no later forward may update in place.
+        graph_running = (self.running_mean.clone(), self.running_var.clone())
+        self.graphs = [self.torch_train(leaf, graph_running) for leaf in self.leaves]
+
+    def torch_train(self, x, running=None):
+        running_mean, running_var = running or (self.running_mean, self.running_var)
+        return F.batch_norm(x, running_mean, running_var, self.weight_leaf, self.bias_leaf,
+                            training=True, momentum=MOMENTUM, eps=EPS)
+
+    def torch_backward(self, i, y=None):
+        return torch.autograd.grad(self.graphs[i] if y is None else y, (self.leaves[i], self.weight_leaf, self.bias_leaf),
+                                   self.dy[i], retain_graph=y is None)
+
+    def ckbn_train(self, i):
+        mean, invstd = self.ops.batch_stats(self.x[i], EPS)
+        y = self.ops.normalize(self.x[i], mean, invstd, self.weight, self.bias)
+        self.ops.update_running_stats(self.running_mean, self.running_var, self.batches, mean, invstd,
+                                      MOMENTUM, EPS, self.count)
+        return y, mean, invstd
+
+    def ckbn_backward(self, i, mean=None, invstd=None):
+        if mean is None:
+            mean, invstd = self.stats[i]
+        return self.ops.backward(self.dy[i], self.x[i], mean, invstd, self.weight, True, [True, True, True])
+
+    def cases(self) -> Dict[str, tuple]:
+        def ckbn_eval(i):
+            invstd = torch.rsqrt(self.running_var + EPS)
+            return self.ops.normalize(self.x[i], self.running_mean, invstd, self.weight, self.bias)
+
+        def ckbn_fwd_bwd(i):
+            _, mean, invstd = self.ckbn_train(i)
+            return self.ckbn_backward(i, mean, invstd)
+
+        def torch_fwd_bwd(i):
+            return self.torch_backward(i, self.torch_train(self.leaves[i]))
+
+        return {
+            # torch's forwards record autograd history, as in training and in a checkpoint's recompute.
+            "train-fwd": (lambda i: self.ckbn_train(i), lambda i: self.torch_train(self.x[i])),
+            "eval-fwd": (ckbn_eval, lambda i: F.batch_norm(self.x[i], self.running_mean, self.running_var,
+                                                           self.weight, self.bias, training=False, eps=EPS)),
+            "replay-fwd": (lambda i: self.ops.normalize(self.x[i], *self.stats[i], self.weight, self.bias),
+                           lambda i: self.torch_train(self.x[i])),
+            "bwd": (self.ckbn_backward, self.torch_backward),
+            "fwd+bwd": (ckbn_fwd_bwd, torch_fwd_bwd),
+        }
+
+
+def copy_ms(timer: Timer, nbytes_like: torch.Tensor, buffers: int) -> float:
+    """Median time of a device-to-device copy of a tensor like `nbytes_like` (moves 2x its bytes)."""
+    sources = [torch.empty_like(nbytes_like) for _ in range(buffers)]
+    target = torch.empty_like(nbytes_like)
+    copy = lambda i: target.copy_(sources[i])  # noqa: E731
+    return timer.pair(copy, copy)[0]
+
+
+def buffer_count(device: str, nbytes: int) -> int:
+    if device != "cuda":
+        return 1
+    # Enough distinct inputs that the rotation spans several times the L2 cache (50 MB on H100).
+    return max(2, min(8, math.ceil(256 * 2**20 / max(1, nbytes))))
+
+
+def parse_shapes(text: str) -> List[tuple]:
+    return [tuple(int(d) for d in item.lower().split("x")) for item in text.split(",") if item]
+
+
+def layouts_for(shape: Sequence[int]) -> List[str]:
+    return ["NCHW", "NHWC"] if len(shape) == 4 else ["NC"]
+
+
+def markdown(meta: dict, rows: List[Row], device: str) -> str:
+    head = ["case", "shape", "layout", "dtype", "ckbn ms", "torch ms", "torch/ckbn"]
+    if device == "cuda":
+        head.append("bandwidth")
+    head += ["target", "met"]
+    lines = [f"# ckbn op benchmark ({device})", "", ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.case, "x".join(map(str, r.shape)), r.layout, r.dtype, f"{r.ckbn_ms:.3f}", f"{r.torch_ms:.3f}",
+                 f"{r.ratio:.2f}x"]
+        if device == "cuda":
+            cells.append("" if r.bandwidth is None else f"{100 * r.bandwidth:.0f}%")
+        cells += ["; ".join(r.targets), ("MISSED: " + "; ".join(r.missed)) if r.missed else ("yes" if r.targets else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Row], path: str, device: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cases = [c for c in CASES if any(r.case == c for r in rows)]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(max(8, 0.35 * len(rows) / max(1, len(cases))), 3 * len(cases)),
+                             squeeze=False)
+    for ax, case in zip(axes[:, 0], cases):
+        selected = [r for r in rows if r.case == case]
+        labels = [f"{'x'.join(map(str, r.shape))} {r.layout} {r.dtype}" for r in selected]
+        ax.bar(range(len(selected)), [r.ratio for r in selected],
+               color=["tab:red" if r.missed else "tab:blue" for r in selected])
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(selected)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_ylabel("torch / ckbn")
+        ax.set_title(f"{case} ({device})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="a short list of shapes and fewer runs")
+    parser.add_argument("--shapes", type=parse_shapes, help="comma-separated NxCxHxW or NxC, e.g. 32x64x56x56,4096x1024")
+    parser.add_argument("--dtypes", help="comma-separated, e.g. float32,bfloat16")
+    parser.add_argument("--layouts", help="comma-separated subset of NCHW,NHWC,NC")
+    parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--runs", type=int, help="timed runs per implementation (default: CPU 20, CUDA 30; --quick halves)")
+    parser.add_argument("--json", help="default bench/out/ops-<device>.json")
+    parser.add_argument("--md", help="default bench/out/ops-<device>.md")
+    parser.add_argument("--plot", help="PNG of ratios per shape (needs matplotlib); default bench/out/ops-<device>.png")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("ERROR: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    ops, impl = implementation(device)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)[device]
+    dtypes = [getattr(torch, d) for d in (args.dtypes.split(",") if args.dtypes else DTYPES[device])]
+    cases = args.cases.split(",") if args.cases else list(CASES)
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}")
+    runs = args.runs or ((20 if device == "cpu" else 30) // (2 if args.quick else 1))
+    if device == "cpu":
+        runs = max(runs, 20)  # the minimum of at least 20 runs
+    paths = {ext: getattr(args, ext) or os.path.join(OUT_DIR, f"ops-{device}.{ext}") for ext in ("json", "md")}
+    paths["png"] = args.plot or os.path.join(OUT_DIR, f"ops-{device}.png")
+    for path in paths.values():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
+        "implementation": impl,
+        "torch": torch.__version__,
+        "ckbn": ckbn.__version__,
+        "threads": torch.get_num_threads() if device == "cpu" else None,
+        "timing": "min of runs" if device == "cpu" else "median of CUDA-event times",
+        "runs": runs,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    rows: List[Row] = []
+    print(f"{'case':<11} {'shape':<18} {'layout':<6} {'dtype':<9} {'ckbn ms':>9} {'torch ms':>9} {'ratio':>7}"
+          + (f" {'bw':>5}" if device == "cuda" else "") + "  target")
+    for shape in shapes:
+        for dtype in dtypes:
+            for layout in layouts_for(shape):
+                if args.layouts and layout not in args.layouts.split(","):
+                    continue
+                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                buffers = buffer_count(device, nbytes)
+                timer = Timer(device, runs, warmup=3 if device == "cuda" else 2, buffers=buffers)
+                setup = Setup(ops, shape, layout, dtype, device, buffers)
+                copy = copy_ms(timer, setup.x[0], buffers) if device == "cuda" else None
+                functions = setup.cases()
+                for case in cases:
+                    ckbn_fn, torch_fn = functions[case]
+                    ckbn_ms, torch_ms = timer.pair(ckbn_fn, torch_fn)
+                    row = Row(case, list(shape), layout, str(dtype).replace("torch.", ""), ckbn_ms, torch_ms,
+                              torch_ms / ckbn_ms, nbytes / 2**20)
+                    if copy is not None:
+                        row.bandwidth = copy * PASSES[case] / 2 / ckbn_ms
+                    checks = targets_for(device, row, args.threads)
+                    row.targets = list(checks)
+                    row.missed = [name for name, ok in checks.items() if not ok(row)]
+                    rows.append(row)
+                    print(f"{case:<11} {'x'.join(map(str, shape)):<18} {layout:<6} {row.dtype:<9} {ckbn_ms:9.3f} "
+                          f"{torch_ms:9.3f} {row.ratio:6.2f}x"
+                          + (f" {100 * row.bandwidth:4.0f}%" if row.bandwidth is not None else "")
+                          + ("  " + "; ".join(row.targets) if row.targets else "")
+                          + ("  MISSED" if row.missed else ""), flush=True)
+                    with open(paths["json"], "w") as f:
+                        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+                    with open(paths["md"], "w") as f:
+                        f.write(markdown(meta, rows, device))
+                del setup
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    plot(rows, paths["png"], device)
+    missed = [r for r in rows if r.missed]
+    print(f"\n{len(rows)} rows; {sum(bool(r.targets) for r in rows)} with targets, {len(missed)} missed. "
+          f"Written: {paths['json']}, {paths['md']}" + (f", {paths['png']}" if os.path.exists(paths["png"]) else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

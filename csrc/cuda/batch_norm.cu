@@ -1,0 +1,1272 @@
+// CUDA kernels of the ckbn operators, registered for the CUDA dispatch key.
+//
+// Kernels see input in one of the two layouts of ckbn.h:
+//   ChannelPlanes [N][C][S]: a block owns one channel (blockIdx.x) and walks part of its N x S
+//     elements; S is contiguous, so a warp reads along a plane.
+//   ChannelsLast [rows][C]: a block owns a tile of adjacent channels (blockIdx.x) and walks part of
+//     the rows; a warp reads adjacent channels of a row, which are contiguous.
+// In both, blockIdx.y splits one channel's elements across blocks when a channel alone would leave
+// the GPU idle; those blocks leave partial results in a staging buffer that `finalize_kernel` merges.
+//
+// Two kinds of kernel cover the six operators:
+//   reduce_*: per-channel reductions (Welford moments for batch_stats; sum(dy) and
+//     sum(dy * (x - mean)) for the backward), optionally followed, when one block holds a whole
+//     channel, by the element-wise grad_input pass (fused backward);
+//   elementwise_*: normalize and grad_input.
+// Every formula comes from math.h; this file decides only which thread visits which element.
+#include "ckbn.h"
+#include "math.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+#include <tuple>
+#include <type_traits>
+
+namespace ckbn {
+namespace {
+
+// Threads of every reduction and element-wise block.
+constexpr int kThreads = 512;
+// Register budget: two blocks per multiprocessor (64 registers a thread).
+constexpr int kMinBlocksPerSM = 2;
+// Rows (planes, or channels-last rows) a thread loads before using any, by bytes per load: about
+// 32 bytes per input in flight per thread is what hides DRAM latency at that occupancy.
+__host__ __device__ constexpr int rows_per_tile(int load_bytes) {
+  return load_bytes >= 16 ? 2 : load_bytes >= 8 ? 4 : 8;
+}
+// Elements per vector load. A ChannelPlanes thread reads one channel and takes 16 bytes; a
+// ChannelsLast thread keeps a state per lane (channel), and 8 lanes of 16-bit types would spill.
+template <typename scalar_t>
+constexpr int kPlaneVec = 16 / sizeof(scalar_t);
+template <typename scalar_t>
+constexpr int kRowVec = 16 / sizeof(scalar_t) < 4 ? 16 / sizeof(scalar_t) : 4;
+// Blocks along one channel, at most: keeps grid.y (batch splits x spatial splits) under 65536.
+constexpr int64_t kMaxSplits = 32768;
+// Elements each thread should own before splitting a channel across more blocks pays off.
+constexpr int64_t kReduceElementsPerThread = 64;
+constexpr int64_t kElementwiseElementsPerThread = 16;
+constexpr int kFinalizeThreads = 256;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+template <typename T>
+__host__ __device__ __forceinline__ T min_of(T a, T b) {
+  return a < b ? a : b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loads and stores of VEC adjacent elements, converted to and from the accumulation type.
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_pack(const scalar_t* data, int64_t offset, acc_t* out) {
+  const Pack<scalar_t, VEC> pack = *reinterpret_cast<const Pack<scalar_t, VEC>*>(data + offset);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    out[i] = static_cast<acc_t>(pack.v[i]);
+  }
+}
+
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_pack(scalar_t* data, int64_t offset, const acc_t* in) {
+  Pack<scalar_t, VEC> pack;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    pack.v[i] = static_cast<scalar_t>(in[i]);
+  }
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(data + offset) = pack;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel parameters.
+
+// An optional per-channel vector in the input dtype or the statistics dtype (AMP keeps fp32
+// parameters beside half input); `absent` stands in when there is none.
+template <typename scalar_t, typename acc_t>
+struct ChannelParam {
+  const scalar_t* narrow;
+  const acc_t* wide;
+  acc_t absent;
+
+  __device__ __forceinline__ acc_t operator[](int64_t c) const {
+    return wide != nullptr ? wide[c] : narrow != nullptr ? static_cast<acc_t>(narrow[c]) : absent;
+  }
+};
+
+// An optional per-channel output in either of those dtypes.
+template <typename scalar_t, typename acc_t>
+struct ChannelOutput {
+  scalar_t* narrow;
+  acc_t* wide;
+
+  __device__ __forceinline__ bool active() const { return narrow != nullptr || wide != nullptr; }
+  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
+    if (wide != nullptr) {
+      wide[c] = v;
+    } else if (narrow != nullptr) {
+      narrow[c] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise operations: a per-channel coefficient set, and the element formula of math.h.
+
+// y = (x - mean) * invstd * weight + bias.
+template <typename scalar_t, typename acc_t_>
+struct NormalizeElementwise {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using Coeffs = math::NormalizeCoeffs<acc_t>;
+  static constexpr int kInputs = 1;
+
+  const scalar_t* x;
+  scalar_t* out;
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelParam<scalar_t, acc_t> weight;
+  ChannelParam<scalar_t, acc_t> bias;
+
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
+    return math::normalize_coeffs(mean[c], invstd[c], weight[c], bias[c]);
+  }
+  __device__ __forceinline__ acc_t apply(acc_t x_value, acc_t /*dy*/, const Coeffs& co) const {
+    return math::normalize_element(x_value, co);
+  }
+};
+
+// grad_input. In training mode it needs per-channel sum(dy) and sum(dy * (x - mean)) over the
+// batch; `divisor` turns the stored terms into the means math.h expects (the element count when
+// they are sums, 1 when the caller already passes means).
+template <typename scalar_t, typename acc_t_>
+struct BackwardElementwise {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using Coeffs = math::BackwardCoeffs<acc_t>;
+  static constexpr int kInputs = 2;
+
+  const scalar_t* x;
+  const scalar_t* dy;
+  scalar_t* out;
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelParam<scalar_t, acc_t> weight;
+  const acc_t* dy_term;      // per channel; unused unless train
+  const acc_t* dy_xmu_term;  // per channel; unused unless train
+  acc_t divisor;
+  bool train;
+
+  __device__ __forceinline__ Coeffs coeffs_from(int64_t c, acc_t sum_dy, acc_t sum_dy_xmu) const {
+    return math::backward_coeffs(mean[c], invstd[c], weight[c], sum_dy / divisor,
+                                 sum_dy_xmu / divisor, train);
+  }
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
+    return train ? coeffs_from(c, dy_term[c], dy_xmu_term[c]) : coeffs_from(c, acc_t(0), acc_t(0));
+  }
+  __device__ __forceinline__ acc_t apply(acc_t x_value, acc_t dy_value, const Coeffs& co) const {
+    return math::backward_element(dy_value, x_value, co);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Reductions: a state per channel, how to add a chunk of one channel's elements to it, how to
+// merge two states, and what to write once a channel is complete.
+
+// The moments of K elements of one channel held in registers: two passes over registers, then one
+// Welford merge per chunk instead of one division per element.
+template <int K, typename acc_t>
+__device__ __forceinline__ math::Welford<acc_t> chunk_moments(const acc_t* x) {
+  acc_t sum = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    sum += x[k];
+  }
+  const acc_t mean = sum / static_cast<acc_t>(K);
+  acc_t m2 = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const acc_t d = x[k] - mean;
+    m2 += d * d;
+  }
+  return math::welford_from_moments<acc_t>(K, mean, m2);
+}
+
+struct NoChannelData {};
+
+// Per-channel mean and invstd of the input.
+template <typename scalar_t, typename acc_t_>
+struct StatsReduction {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using State = math::Welford<acc_t>;
+  using Channel = NoChannelData;
+  static constexpr int kInputs = 1;
+  static constexpr bool kFusable = false;
+
+  const scalar_t* x;
+  acc_t* mean;
+  acc_t* invstd;
+  acc_t eps;
+
+  __device__ __forceinline__ Channel channel(int64_t) const { return {}; }
+  __device__ __forceinline__ static State identity() { return math::welford_empty<acc_t>(); }
+  __device__ __forceinline__ static State merge(const State& a, const State& b) {
+    return math::welford_merge(a, b);
+  }
+  __device__ __forceinline__ static State shfl_down(const State& s, int delta) {
+    State out;
+    out.mean = __shfl_down_sync(kFullWarp, s.mean, delta);
+    out.m2 = __shfl_down_sync(kFullWarp, s.m2, delta);
+    out.count = __shfl_down_sync(kFullWarp, s.count, delta);
+    return out;
+  }
+  template <int K>
+  __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t*, Channel) const {
+    if constexpr (K == 1) {
+      s = math::welford_update(s, x_values[0]);
+    } else {
+      s = math::welford_merge(s, chunk_moments<K>(x_values));
+    }
+  }
+  __device__ __forceinline__ void finish(int64_t c, const State& s) const {
+    mean[c] = s.mean;
+    invstd[c] = math::invstd_from_var(math::welford_biased_var(s), eps);
+  }
+};
+
+template <typename acc_t>
+struct GradSums {
+  acc_t dy;
+  acc_t dy_xmu;
+};
+
+// Per-channel sum(dy) and sum(dy * (x - mean)), and what the backward makes of them: grad_weight,
+// grad_bias, and (fused, when one block holds a whole channel) grad_input.
+template <typename scalar_t, typename acc_t_>
+struct GradReduction {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using State = GradSums<acc_t>;
+  using Channel = acc_t;  // the channel's mean
+  static constexpr int kInputs = 2;
+  static constexpr bool kFusable = true;
+
+  const scalar_t* x;
+  const scalar_t* dy;
+  const acc_t* mean;
+  const acc_t* invstd;  // needed for grad_weight only
+  acc_t* sum_dy;        // optional outputs
+  acc_t* sum_dy_xmu;
+  ChannelOutput<scalar_t, acc_t> grad_weight;
+  ChannelOutput<scalar_t, acc_t> grad_bias;
+  BackwardElementwise<scalar_t, acc_t> element;  // element.out == nullptr: no fused grad_input
+
+  __device__ __forceinline__ bool fused() const { return element.out != nullptr; }
+  __device__ __forceinline__ Channel channel(int64_t c) const { return mean[c]; }
+  __device__ __forceinline__ static State identity() { return State{acc_t(0), acc_t(0)}; }
+  __device__ __forceinline__ static State merge(const State& a, const State& b) {
+    return State{a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+  }
+  __device__ __forceinline__ static State shfl_down(const State& s, int delta) {
+    return State{__shfl_down_sync(kFullWarp, s.dy, delta),
+                 __shfl_down_sync(kFullWarp, s.dy_xmu, delta)};
+  }
+  template <int K>
+  __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t* dy_values,
+                                      Channel channel_mean) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      s.dy += dy_values[k];
+      s.dy_xmu += dy_values[k] * (x_values[k] - channel_mean);
+    }
+  }
+  __device__ __forceinline__ void finish(int64_t c, const State& s) const {
+    if (sum_dy != nullptr) {
+      sum_dy[c] = s.dy;
+    }
+    if (sum_dy_xmu != nullptr) {
+      sum_dy_xmu[c] = s.dy_xmu;
+    }
+    if (grad_weight.active()) {
+      grad_weight.store(c, math::grad_weight_from_sums(s.dy_xmu, invstd[c]));
+    }
+    grad_bias.store(c, s.dy);
+  }
+  __device__ __forceinline__ typename BackwardElementwise<scalar_t, acc_t>::Coeffs element_coeffs(
+      int64_t c, const State& s) const {
+    return element.coeffs_from(c, s.dy, s.dy_xmu);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Which elements a thread visits.
+
+// ChannelPlanes: blockIdx.y picks a rectangle of batch_chunk planes x spatial_chunk elements.
+struct PlaneTiling {
+  int64_t batch;
+  int64_t channels;
+  int64_t spatial;
+  int64_t batch_chunk;
+  int64_t spatial_chunk;   // a multiple of the vector width
+  int64_t spatial_splits;  // rectangles along spatial for each batch chunk
+};
+
+// ChannelsLast: blockIdx.y picks row_chunk rows.
+struct RowTiling {
+  int64_t rows;
+  int64_t channels;
+  int64_t row_chunk;
+};
+
+// A tile: ROWS rows (planes, or channels-last rows) of VEC adjacent elements; row k starts at
+// element base + k * stride, and only the first `valid` rows exist.
+struct Tile {
+  int64_t base;
+  int64_t stride;
+  int valid;
+};
+
+// Calls f(tile) for each tile this thread owns in channel c: ROWS planes x VEC elements.
+template <int VEC, int ROWS, typename F>
+__device__ __forceinline__ void visit_planes(const PlaneTiling& t, int64_t c, F&& f) {
+  const int64_t batch_block = blockIdx.y / t.spatial_splits;
+  const int64_t spatial_block = blockIdx.y % t.spatial_splits;
+  const int64_t n_end = min_of(t.batch, (batch_block + 1) * t.batch_chunk);
+  const int64_t s_begin = spatial_block * t.spatial_chunk;
+  const int64_t s_end = min_of(t.spatial, s_begin + t.spatial_chunk);
+  const int64_t row_step = blockDim.y;
+  const int64_t plane_stride = row_step * t.channels * t.spatial;
+  for (int64_t n = batch_block * t.batch_chunk + threadIdx.y; n < n_end; n += row_step * ROWS) {
+    int valid = 0;
+#pragma unroll
+    for (int k = 0; k < ROWS; ++k) {
+      valid += (n + k * row_step < n_end) ? 1 : 0;
+    }
+    const int64_t plane = (n * t.channels + c) * t.spatial;
+    for (int64_t s = s_begin + threadIdx.x * VEC; s < s_end; s += blockDim.x * VEC) {
+      f(Tile{plane + s, plane_stride, valid});
+    }
+  }
+}
+
+// Calls f(tile) for each tile this thread owns among the channels c0 .. c0 + VEC - 1: ROWS rows x
+// VEC channels.
+template <int VEC, int ROWS, typename F>
+__device__ __forceinline__ void visit_rows(const RowTiling& t, int64_t c0, F&& f) {
+  const int64_t r_begin = blockIdx.y * t.row_chunk;
+  const int64_t r_end = min_of(t.rows, r_begin + t.row_chunk);
+  const int64_t row_step = blockDim.y;
+  for (int64_t r = r_begin + threadIdx.y; r < r_end; r += row_step * ROWS) {
+    int valid = 0;
+#pragma unroll
+    for (int k = 0; k < ROWS; ++k) {
+      valid += (r + k * row_step < r_end) ? 1 : 0;
+    }
+    f(Tile{r * t.channels + c0, row_step * t.channels, valid});
+  }
+}
+
+// Loads the existing rows of one tile of the op's inputs (x, and dy for two-input ops).
+template <int VEC, int ROWS, typename Op, typename acc_t>
+__device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t (&x)[ROWS][VEC],
+                                          acc_t (&dy)[ROWS][VEC]) {
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (k < tile.valid) {
+      load_pack<VEC>(op.x, tile.base + k * tile.stride, x[k]);
+      if constexpr (Op::kInputs == 2) {
+        load_pack<VEC>(op.dy, tile.base + k * tile.stride, dy[k]);
+      }
+    }
+  }
+}
+
+// out = op.apply(x, dy, coeffs of the element's channel) over one tile; coeff_of(v) gives the
+// coefficients of vector lane v.
+template <int VEC, int ROWS, typename Op, typename CoeffOf>
+__device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
+  using acc_t = typename Op::acc_t;
+  acc_t x[ROWS][VEC] = {};
+  acc_t dy[ROWS][VEC] = {};
+  load_tile<VEC, ROWS>(op, tile, x, dy);
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (k < tile.valid) {
+      acc_t y[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        y[v] = op.apply(x[k][v], dy[k][v], coeff_of(v));
+      }
+      store_pack<VEC>(op.out, tile.base + k * tile.stride, y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block-level merges.
+
+template <typename Red>
+__device__ __forceinline__ typename Red::State warp_reduce(typename Red::State s) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta >>= 1) {
+    s = Red::merge(s, Red::shfl_down(s, delta));
+  }
+  return s;
+}
+
+// Merges every thread's state; all threads receive the total. `shared` holds kThreads / 32 states.
+template <typename Red>
+__device__ __forceinline__ typename Red::State block_reduce(typename Red::State s,
+                                                            typename Red::State* shared) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int warps = (blockDim.x * blockDim.y) / 32;
+  s = warp_reduce<Red>(s);
+  if (lane == 0) {
+    shared[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    s = warp_reduce<Red>(lane < warps ? shared[lane] : Red::identity());
+    __syncwarp();  // every lane has read `shared` before lane 0 overwrites its first entry
+    if (lane == 0) {
+      shared[0] = s;
+    }
+  }
+  __syncthreads();
+  return shared[0];
+}
+
+// Merges the states of one block column (same threadIdx.x, all threadIdx.y); every thread
+// receives its column's total. blockDim.y is a power of two; `shared` holds kThreads states.
+template <typename Red>
+__device__ __forceinline__ typename Red::State column_reduce(typename Red::State s,
+                                                             typename Red::State* shared) {
+  const int width = blockDim.x;
+  const int slot = threadIdx.y * width + threadIdx.x;
+  shared[slot] = s;
+  __syncthreads();
+  for (int half = blockDim.y / 2; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.y) < half) {
+      shared[slot] = Red::merge(shared[slot], shared[slot + half * width]);
+    }
+    __syncthreads();
+  }
+  const typename Red::State total = shared[threadIdx.x];
+  __syncthreads();  // the caller's next column_reduce overwrites `shared`
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+
+// One channel per blockIdx.x. With gridDim.y == 1 the block finishes the channel (and, for a
+// fused reduction, writes its grad_input); otherwise it leaves its partial state in
+// partial[blockIdx.y][c] for finalize_kernel.
+template <typename Red, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    reduce_planes_kernel(const Red red, const PlaneTiling t, typename Red::State* partial) {
+  using State = typename Red::State;
+  using acc_t = typename Red::acc_t;
+  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Red::scalar_type));
+  __shared__ State shared[kThreads / 32];
+
+  const int64_t c = blockIdx.x;
+  const typename Red::Channel channel = red.channel(c);
+  State state = Red::identity();
+  visit_planes<VEC, ROWS>(t, c, [&](const Tile& tile) {
+    acc_t x[ROWS][VEC] = {};
+    acc_t dy[ROWS][VEC] = {};
+    load_tile<VEC, ROWS>(red, tile, x, dy);
+    if (tile.valid == ROWS) {
+      red.template add<ROWS * VEC>(state, &x[0][0], &dy[0][0], channel);
+    } else {
+#pragma unroll
+      for (int k = 0; k < ROWS; ++k) {
+        if (k < tile.valid) {
+          red.template add<VEC>(state, x[k], dy[k], channel);
+        }
+      }
+    }
+  });
+  const State total = block_reduce<Red>(state, shared);
+
+  const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
+  if (gridDim.y > 1) {
+    if (leader) {
+      partial[blockIdx.y * t.channels + c] = total;
+    }
+    return;
+  }
+  if (leader) {
+    red.finish(c, total);
+  }
+  if constexpr (Red::kFusable) {
+    if (red.fused()) {
+      const auto coeffs = red.element_coeffs(c, total);
+      visit_planes<VEC, ROWS>(t, c, [&](const Tile& tile) {
+        transform_tile<VEC, ROWS>(red.element, tile, [&](int) { return coeffs; });
+      });
+    }
+  }
+}
+
+// VEC adjacent channels per thread, blockDim.x * VEC channels per blockIdx.x. Partial results as
+// in reduce_planes_kernel.
+template <typename Red, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    reduce_rows_kernel(const Red red, const RowTiling t, typename Red::State* partial) {
+  using State = typename Red::State;
+  using acc_t = typename Red::acc_t;
+  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Red::scalar_type));
+  __shared__ State shared[kThreads];
+
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  const bool active = c0 < t.channels;  // C % VEC == 0, so a thread has all VEC channels or none
+  typename Red::Channel channel[VEC];
+  State state[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    state[v] = Red::identity();
+    channel[v] = red.channel(active ? c0 + v : 0);
+  }
+  if (active) {
+    visit_rows<VEC, ROWS>(t, c0, [&](const Tile& tile) {
+      acc_t x[ROWS][VEC] = {};
+      acc_t dy[ROWS][VEC] = {};
+      load_tile<VEC, ROWS>(red, tile, x, dy);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        acc_t x_column[ROWS];
+        acc_t dy_column[ROWS];
+#pragma unroll
+        for (int k = 0; k < ROWS; ++k) {
+          x_column[k] = x[k][v];
+          dy_column[k] = dy[k][v];
+        }
+        if (tile.valid == ROWS) {
+          red.template add<ROWS>(state[v], x_column, dy_column, channel[v]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < ROWS; ++k) {
+            if (k < tile.valid) {
+              red.template add<1>(state[v], &x_column[k], &dy_column[k], channel[v]);
+            }
+          }
+        }
+      }
+    });
+  }
+  State total[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    total[v] = column_reduce<Red>(state[v], shared);
+  }
+  // No block-wide synchronisation below, so inactive threads may leave.
+  if (!active) {
+    return;
+  }
+  if (gridDim.y > 1) {
+    if (threadIdx.y == 0) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        partial[blockIdx.y * t.channels + c0 + v] = total[v];
+      }
+    }
+    return;
+  }
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      red.finish(c0 + v, total[v]);
+    }
+  }
+  if constexpr (Red::kFusable) {
+    if (red.fused()) {
+      decltype(red.element_coeffs(0, total[0])) coeffs[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        coeffs[v] = red.element_coeffs(c0 + v, total[v]);
+      }
+      visit_rows<VEC, ROWS>(t, c0, [&](const Tile& tile) {
+        transform_tile<VEC, ROWS>(red.element, tile, [&](int v) { return coeffs[v]; });
+      });
+    }
+  }
+}
+
+// Merges the partial states of each channel left by split reduce_* blocks and finishes it.
+template <typename Red>
+__global__ void finalize_kernel(const Red red, const typename Red::State* partial, int64_t splits,
+                                int64_t channels) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  typename Red::State s = partial[c];
+  for (int64_t i = 1; i < splits; ++i) {
+    s = Red::merge(s, partial[i * channels + c]);
+  }
+  red.finish(c, s);
+}
+
+template <typename Op, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_planes_kernel(const Op op, const PlaneTiling t) {
+  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Op::scalar_type));
+  const int64_t c = blockIdx.x;
+  const auto coeffs = op.coeffs(c);
+  visit_planes<VEC, ROWS>(t, c, [&](const Tile& tile) {
+    transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
+  });
+}
+
+template <typename Op, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_rows_kernel(const Op op, const RowTiling t) {
+  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Op::scalar_type));
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= t.channels) {
+    return;
+  }
+  typename Op::Coeffs coeffs[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    coeffs[v] = op.coeffs(c0 + v);
+  }
+  visit_rows<VEC, ROWS>(t, c0, [&](const Tile& tile) {
+    transform_tile<VEC, ROWS>(op, tile, [&](int v) { return coeffs[v]; });
+  });
+}
+
+// A running buffer of any floating dtype (the module may keep them in half, or in float beside
+// double input), possibly strided: it is updated in place, so it cannot be copied.
+struct RunningBuffer {
+  enum class Kind : int { Double, Float, Half, BFloat16 };
+  void* data;
+  int64_t stride;
+  Kind kind;
+
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t load(int64_t i) const {
+    switch (kind) {
+      case Kind::Double:
+        return static_cast<acc_t>(static_cast<const double*>(data)[i * stride]);
+      case Kind::Float:
+        return static_cast<acc_t>(static_cast<const float*>(data)[i * stride]);
+      case Kind::Half:
+        return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(data)[i * stride]));
+      default:
+        return static_cast<acc_t>(
+            static_cast<float>(static_cast<const at::BFloat16*>(data)[i * stride]));
+    }
+  }
+  template <typename acc_t>
+  __device__ __forceinline__ void store(int64_t i, acc_t v) const {
+    switch (kind) {
+      case Kind::Double:
+        static_cast<double*>(data)[i * stride] = static_cast<double>(v);
+        break;
+      case Kind::Float:
+        static_cast<float*>(data)[i * stride] = static_cast<float>(v);
+        break;
+      case Kind::Half:
+        static_cast<at::Half*>(data)[i * stride] = at::Half(static_cast<float>(v));
+        break;
+      default:
+        static_cast<at::BFloat16*>(data)[i * stride] = at::BFloat16(static_cast<float>(v));
+        break;
+    }
+  }
+};
+
+// One block: num_batches_tracked is read on the device, so the host never waits for it.
+template <typename acc_t>
+__global__ void update_running_stats_kernel(RunningBuffer running_mean, RunningBuffer running_var,
+                                            int64_t* num_batches_tracked, const acc_t* mean,
+                                            const acc_t* invstd, int64_t channels,
+                                            bool has_momentum, acc_t momentum, acc_t eps,
+                                            int64_t count) {
+  const int64_t batches = *num_batches_tracked + 1;
+  const acc_t factor = math::average_factor(has_momentum, momentum, batches);
+  for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
+    running_mean.store(c, math::running_average(running_mean.load<acc_t>(c), mean[c], factor));
+    const acc_t unbiased_var = math::unbiased_var_from_invstd(invstd[c], eps, count);
+    running_var.store(c, math::running_average(running_var.load<acc_t>(c), unbiased_var, factor));
+  }
+  __syncthreads();  // every thread has read the old count before it changes
+  if (threadIdx.x == 0) {
+    *num_batches_tracked = batches;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: launch shapes.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) {
+    p <<= 1;
+  }
+  return p;
+}
+
+int64_t clamp_splits(int64_t v, int64_t hi) { return v < 1 ? 1 : (v > hi ? hi : v); }
+
+// Two waves of resident blocks: enough to fill the GPU, few enough that split reductions stay
+// cheap to merge.
+int64_t target_blocks(const at::Tensor& on) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> multiprocessors{};  // 0: not asked yet
+  const int device = on.get_device();
+  const bool cached = device >= 0 && device < kMaxDevices;
+  int sms = cached ? multiprocessors[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (cached) {
+      multiprocessors[device].store(sms, std::memory_order_relaxed);
+    }
+  }
+  return static_cast<int64_t>(sms) * kMinBlocksPerSM * 2;
+}
+
+// `wide` when the contiguous extent is a multiple of it and every pointer is aligned to a load of
+// `wide` elements, else 1 (odd spatial sizes or channel counts, storage offsets).
+int vector_width(int64_t contiguous, int wide, int64_t element_size,
+                 std::initializer_list<const void*> pointers) {
+  if (contiguous % wide != 0) {
+    return 1;
+  }
+  for (const void* p : pointers) {
+    if (reinterpret_cast<std::uintptr_t>(p) % (wide * element_size) != 0) {
+      return 1;
+    }
+  }
+  return wide;
+}
+
+struct LaunchPlan {
+  Layout layout;
+  int vec;
+  dim3 grid;
+  dim3 block;
+  int64_t splits;  // blocks sharing each channel (gridDim.y)
+  int64_t channels;
+  PlaneTiling planes;
+  RowTiling rows;
+};
+
+// Block shape, vector width and split of each channel for a kernel over `g` that reads and
+// writes `pointers`. A channel is split across blocks only while each thread keeps at least
+// `elements_per_thread` elements and the grid stays near target_blocks.
+template <typename scalar_t>
+LaunchPlan make_plan(const Geometry& g, std::initializer_list<const void*> pointers,
+                     int64_t elements_per_thread, const at::Tensor& on) {
+  TORCH_CHECK(g.channels < (int64_t{1} << 31), "ckbn: at most 2^31 - 1 channels are supported");
+  const int64_t blocks_wanted = target_blocks(on);
+  LaunchPlan p{};
+  p.layout = g.layout;
+  p.channels = g.channels;
+  if (g.layout == Layout::ChannelPlanes) {
+    p.vec = vector_width(g.spatial, kPlaneVec<scalar_t>, sizeof(scalar_t), pointers);
+    const int64_t spatial_vecs = g.spatial / p.vec;
+    // Narrow planes get narrow rows of threads and more planes per block.
+    const int tx = static_cast<int>(min_of<int64_t>(next_pow2(spatial_vecs), kThreads));
+    const int ty = kThreads / tx;
+    const int64_t rows = rows_per_tile(p.vec * sizeof(scalar_t));
+    const int64_t by_work = g.per_channel() / (kThreads * elements_per_thread);
+    const int64_t splits =
+        clamp_splits(min_of(ceil_div(blocks_wanted, g.channels), by_work), kMaxSplits);
+    const int64_t batch_splits = min_of(splits, ceil_div(g.batch, ty * rows));
+    const int64_t spatial_splits =
+        min_of(ceil_div(splits, batch_splits), ceil_div(spatial_vecs, int64_t{tx}));
+    p.planes = PlaneTiling{g.batch,
+                           g.channels,
+                           g.spatial,
+                           ceil_div(g.batch, batch_splits),
+                           ceil_div(spatial_vecs, spatial_splits) * p.vec,
+                           spatial_splits};
+    p.splits = batch_splits * spatial_splits;
+    p.block = dim3(tx, ty);
+    p.grid = dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(p.splits));
+  } else {
+    p.vec = vector_width(g.channels, kRowVec<scalar_t>, sizeof(scalar_t), pointers);
+    const int64_t channel_vecs = g.channels / p.vec;
+    const int tx = static_cast<int>(min_of<int64_t>(next_pow2(channel_vecs), 32));
+    const int ty = kThreads / tx;
+    const int64_t tiles = ceil_div(channel_vecs, tx);
+    const int64_t by_work = g.rows() * tx * p.vec / (kThreads * elements_per_thread);
+    const int64_t splits = clamp_splits(min_of(ceil_div(blocks_wanted, tiles), by_work),
+                                        min_of(kMaxSplits, ceil_div(g.rows(), int64_t{ty})));
+    p.rows = RowTiling{g.rows(), g.channels, ceil_div(g.rows(), splits)};
+    p.splits = splits;
+    p.block = dim3(tx, ty);
+    p.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  }
+  return p;
+}
+
+// Calls planes(width) or rows(width), by the plan's layout, with width a
+// std::integral_constant holding the plan's vector width (1 or the layout's wide load), and
+// checks the launch it made.
+template <typename scalar_t, typename PlanesLaunch, typename RowsLaunch>
+void launch_for_plan(const LaunchPlan& p, PlanesLaunch&& planes, RowsLaunch&& rows) {
+  if (p.layout == Layout::ChannelPlanes) {
+    if (p.vec == 1) {
+      planes(std::integral_constant<int, 1>{});
+    } else {
+      planes(std::integral_constant<int, kPlaneVec<scalar_t>>{});
+    }
+  } else {
+    if (p.vec == 1) {
+      rows(std::integral_constant<int, 1>{});
+    } else {
+      rows(std::integral_constant<int, kRowVec<scalar_t>>{});
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Red>
+void run_reduction(const Red& red, const LaunchPlan& p, const at::Tensor& like) {
+  using State = typename Red::State;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor staging;
+  State* partial = nullptr;
+  if (p.splits > 1) {
+    staging = at::empty({p.splits * p.channels * static_cast<int64_t>(sizeof(State))},
+                        like.options().dtype(at::kByte));
+    partial = reinterpret_cast<State*>(staging.data_ptr());
+  }
+  launch_for_plan<typename Red::scalar_type>(
+      p,
+      [&](auto width) {
+        reduce_planes_kernel<Red, decltype(width)::value>
+            <<<p.grid, p.block, 0, stream>>>(red, p.planes, partial);
+      },
+      [&](auto width) {
+        reduce_rows_kernel<Red, decltype(width)::value>
+            <<<p.grid, p.block, 0, stream>>>(red, p.rows, partial);
+      });
+  if (p.splits > 1) {
+    const auto blocks = static_cast<unsigned>(ceil_div(p.channels, kFinalizeThreads));
+    finalize_kernel<Red><<<blocks, kFinalizeThreads, 0, stream>>>(red, partial, p.splits, p.channels);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename Op>
+void run_elementwise(const Op& op, const LaunchPlan& p) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  launch_for_plan<typename Op::scalar_type>(
+      p,
+      [&](auto width) {
+        elementwise_planes_kernel<Op, decltype(width)::value>
+            <<<p.grid, p.block, 0, stream>>>(op, p.planes);
+      },
+      [&](auto width) {
+        elementwise_rows_kernel<Op, decltype(width)::value>
+            <<<p.grid, p.block, 0, stream>>>(op, p.rows);
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: argument handling shared by the operators.
+
+void check_stats(const at::Tensor& vec, const char* name, const at::Tensor& input, const char* op) {
+  const auto dtype = stats_dtype(input.scalar_type());
+  check_channel_vector(vec, name, input, dtype, dtype, op);
+}
+
+// The input of an operator whose arguments passed the shared checks (which name any tensor on
+// the wrong device): the guard that puts the kernels on input's device, and the kernel view.
+struct KernelInput {
+  KernelInput(const at::Tensor& input, const char* op) : guard(cuda_device(input, op)) {
+    std::tie(view, geometry) = kernel_view(input);
+    if (geometry.spatial == 1) {
+      // [N][C][1] is [N][C]: the channels-last kernels read it along C, coalesced.
+      geometry.layout = Layout::ChannelsLast;
+    }
+  }
+
+  static c10::Device cuda_device(const at::Tensor& input, const char* op) {
+    TORCH_CHECK(input.is_cuda(), op, ": expected input on a CUDA device, but got ", input.device());
+    return input.device();
+  }
+
+  c10::cuda::CUDAGuard guard;
+  at::Tensor view;
+  Geometry geometry;
+};
+
+c10::optional<at::Tensor> contiguous_if_defined(const c10::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined()) {
+    return t->contiguous();
+  }
+  return c10::nullopt;
+}
+
+template <typename scalar_t, typename acc_t>
+ChannelParam<scalar_t, acc_t> channel_param(const c10::optional<at::Tensor>& t, double absent) {
+  ChannelParam<scalar_t, acc_t> p{nullptr, nullptr, static_cast<acc_t>(absent)};
+  if (t.has_value()) {
+    if (t->scalar_type() == c10::CppTypeToScalarType<acc_t>::value) {
+      p.wide = t->const_data_ptr<acc_t>();
+    } else {
+      p.narrow = t->const_data_ptr<scalar_t>();
+    }
+  }
+  return p;
+}
+
+template <typename scalar_t, typename acc_t>
+ChannelOutput<scalar_t, acc_t> channel_output(const at::Tensor& t, bool wanted) {
+  ChannelOutput<scalar_t, acc_t> out{nullptr, nullptr};
+  if (wanted) {
+    if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value) {
+      out.wide = t.data_ptr<acc_t>();
+    } else {
+      out.narrow = t.data_ptr<scalar_t>();
+    }
+  }
+  return out;
+}
+
+// The memory format ckbn gives element-wise outputs (see reference._memory_format): channels_last
+// input keeps it, everything else is contiguous. Kernels write in the kernel view's layout, which
+// differs only for C-innermost input of other ranks.
+at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
+  auto format = at::MemoryFormat::Contiguous;
+  if (!input.is_contiguous()) {
+    if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      format = at::MemoryFormat::ChannelsLast;
+    } else if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+      format = at::MemoryFormat::ChannelsLast3d;
+    }
+  }
+  return out.is_contiguous(format) ? out : out.contiguous(format);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators.
+
+std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, double eps) {
+  constexpr const char* op = "ckbn::batch_stats";
+  check_input(input, op);
+  const KernelInput kin(input, op);
+  const at::Tensor& view = kin.view;
+  const Geometry& g = kin.geometry;
+  const auto options = input.options().dtype(stats_dtype(input.scalar_type()));
+  at::Tensor mean = at::empty({g.channels}, options);
+  at::Tensor invstd = at::empty({g.channels}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_batch_stats", [&] {
+    using acc_t = acc_type<scalar_t>;
+    if (view.numel() == 0) {
+      mean.zero_();
+      invstd.fill_(math::invstd_from_var<acc_t>(acc_t(0), static_cast<acc_t>(eps)));
+      return;
+    }
+    const StatsReduction<scalar_t, acc_t> red{view.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
+                                              invstd.data_ptr<acc_t>(), static_cast<acc_t>(eps)};
+    run_reduction(red, make_plan<scalar_t>(g, {red.x}, kReduceElementsPerThread, view), view);
+  });
+  return {mean, invstd};
+}
+
+at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                          const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "ckbn::normalize";
+  check_input(input, op);
+  check_stats(mean, "mean", input, op);
+  check_stats(invstd, "invstd", input, op);
+  check_affine(weight, "weight", input, op);
+  check_affine(bias, "bias", input, op);
+  const KernelInput kin(input, op);
+  const at::Tensor& view = kin.view;
+  const Geometry& g = kin.geometry;
+  at::Tensor out = at::empty_like(view);
+  if (view.numel() == 0) {
+    return in_output_format(out, input);
+  }
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const auto weight_c = contiguous_if_defined(weight);
+  const auto bias_c = contiguous_if_defined(bias);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_normalize", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const NormalizeElementwise<scalar_t, acc_t> element{
+        view.const_data_ptr<scalar_t>(),       out.data_ptr<scalar_t>(),
+        mean_c.const_data_ptr<acc_t>(),        invstd_c.const_data_ptr<acc_t>(),
+        channel_param<scalar_t, acc_t>(weight_c, 1.0), channel_param<scalar_t, acc_t>(bias_c, 0.0)};
+    run_elementwise(element, make_plan<scalar_t>(g, {element.x, element.out},
+                                                 kElementwiseElementsPerThread, view));
+  });
+  return in_output_format(out, input);
+}
+
+RunningBuffer running_buffer(const at::Tensor& t) {
+  RunningBuffer b{t.data_ptr(), t.numel() > 0 ? t.stride(0) : 1, RunningBuffer::Kind::Float};
+  switch (t.scalar_type()) {
+    case at::kDouble:
+      b.kind = RunningBuffer::Kind::Double;
+      break;
+    case at::kFloat:
+      b.kind = RunningBuffer::Kind::Float;
+      break;
+    case at::kHalf:
+      b.kind = RunningBuffer::Kind::Half;
+      break;
+    case at::kBFloat16:
+      b.kind = RunningBuffer::Kind::BFloat16;
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "unchecked running buffer dtype ", t.scalar_type());
+  }
+  return b;
+}
+
+void update_running_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const at::Tensor& num_batches_tracked, const at::Tensor& mean,
+                               const at::Tensor& invstd, c10::optional<double> momentum, double eps,
+                               int64_t count) {
+  constexpr const char* op = "ckbn::update_running_stats";
+  TORCH_CHECK(count >= 2, op, ": expected count of at least 2, but got ", count);
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"running_mean", &running_mean},
+      {"running_var", &running_var},
+      {"num_batches_tracked", &num_batches_tracked},
+      {"invstd", &invstd}};
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK(t->device() == mean.device(), op, ": expected ", name,
+                " to be on the same device as mean (", mean.device(), "), but got ", t->device());
+  }
+  TORCH_CHECK(mean.dim() == 1 && running_mean.sizes() == mean.sizes() &&
+                  running_var.sizes() == mean.sizes() && invstd.sizes() == mean.sizes(),
+              op, ": running_mean, running_var, mean and invstd should all have shape ", mean.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+              ": expected mean of dtype float32 or float64, but got ", mean.scalar_type());
+  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), op, ": expected invstd of dtype ",
+              mean.scalar_type(), ", but got ", invstd.scalar_type());
+  for (const auto& [name, t] : {others[0], others[1]}) {
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                op, ": expected ", name, " of a floating dtype, but got ", dtype);
+  }
+  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1, op,
+              ": expected num_batches_tracked to be a single int64 element, but got ",
+              num_batches_tracked.scalar_type(), " of shape ", num_batches_tracked.sizes());
+  TORCH_CHECK(mean.is_cuda(), op, ": expected mean on a CUDA device, but got ", mean.device());
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ckbn_update_running_stats", [&] {
+    using acc_t = scalar_t;
+    update_running_stats_kernel<acc_t><<<1, kThreads, 0, stream>>>(
+        running_buffer(running_mean), running_buffer(running_var),
+        num_batches_tracked.data_ptr<int64_t>(), mean_c.const_data_ptr<acc_t>(),
+        invstd_c.const_data_ptr<acc_t>(), mean.numel(), momentum.has_value(),
+        static_cast<acc_t>(momentum.value_or(0.0)), static_cast<acc_t>(eps), count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Shared by backward and backward_elemt: grad_input of `view` (dy already in view's strides)
+// through `element`, whose output pointer is filled in here.
+template <typename Element>
+void run_grad_input(Element element, const at::Tensor& grad_input, const Geometry& g,
+                    const at::Tensor& view) {
+  using scalar_t = typename Element::scalar_type;
+  element.out = grad_input.data_ptr<scalar_t>();
+  run_elementwise(element, make_plan<scalar_t>(g, {element.x, element.dy, element.out},
+                                               kElementwiseElementsPerThread, view));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool train,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "ckbn::backward";
+  check_input(input, op);
+  check_same_shape(grad_output, "grad_output", input, op);
+  check_stats(mean, "mean", input, op);
+  check_stats(invstd, "invstd", input, op);
+  check_affine(weight, "weight", input, op);
+  const KernelInput kin(input, op);
+  const at::Tensor& view = kin.view;
+  const Geometry& g = kin.geometry;
+  const bool need_input = output_mask[0];
+  const bool need_weight = output_mask[1];
+  const bool need_bias = output_mask[2];
+  const at::Tensor dy = match_strides(grad_output, view);
+  const auto weight_c = contiguous_if_defined(weight);
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const auto param_options =
+      mean.options().dtype(weight_c.has_value() ? weight_c->scalar_type() : mean.scalar_type());
+  at::Tensor grad_input = need_input ? at::empty_like(view) : input.new_empty({0});
+  at::Tensor grad_weight = at::empty({need_weight ? g.channels : 0}, param_options);
+  at::Tensor grad_bias = at::empty({need_bias ? g.channels : 0}, param_options);
+  const bool needs_reduction = train || need_weight || need_bias;
+
+  if (view.numel() == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward", [&] {
+      using acc_t = acc_type<scalar_t>;
+      BackwardElementwise<scalar_t, acc_t> element{view.const_data_ptr<scalar_t>(),
+                                                   dy.const_data_ptr<scalar_t>(),
+                                                   nullptr,
+                                                   mean_c.const_data_ptr<acc_t>(),
+                                                   invstd_c.const_data_ptr<acc_t>(),
+                                                   channel_param<scalar_t, acc_t>(weight_c, 1.0),
+                                                   nullptr,
+                                                   nullptr,
+                                                   static_cast<acc_t>(g.per_channel()),
+                                                   train};
+      if (!needs_reduction) {
+        run_grad_input(element, grad_input, g, view);
+        return;
+      }
+      const LaunchPlan plan = make_plan<scalar_t>(
+          g, {element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr},
+          kReduceElementsPerThread, view);
+      // One block per channel (or channel tile) holds the whole reduction: grad_input can follow
+      // in the same kernel, while the channel's data is still in L2.
+      const bool fused = need_input && plan.splits == 1;
+      GradReduction<scalar_t, acc_t> red{element.x,
+                                         element.dy,
+                                         element.mean,
+                                         element.invstd,
+                                         nullptr,
+                                         nullptr,
+                                         channel_output<scalar_t, acc_t>(grad_weight, need_weight),
+                                         channel_output<scalar_t, acc_t>(grad_bias, need_bias),
+                                         element};
+      at::Tensor sums;
+      if (fused) {
+        red.element.out = grad_input.data_ptr<scalar_t>();
+      } else if (need_input && train) {
+        sums = at::empty({2, g.channels}, mean_c.options());
+        red.sum_dy = sums[0].data_ptr<acc_t>();
+        red.sum_dy_xmu = sums[1].data_ptr<acc_t>();
+        element.dy_term = red.sum_dy;
+        element.dy_xmu_term = red.sum_dy_xmu;
+      }
+      run_reduction(red, plan, view);
+      if (need_input && !fused) {
+        run_grad_input(element, grad_input, g, view);
+      }
+    });
+  }
+  if (need_input) {
+    grad_input = in_output_format(grad_input, input);
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_output,
+                                                        const at::Tensor& input,
+                                                        const at::Tensor& mean) {
+  constexpr const char* op = "ckbn::backward_reduce";
+  check_input(input, op);
+  check_same_shape(grad_output, "grad_output", input, op);
+  check_stats(mean, "mean", input, op);
+  const KernelInput kin(input, op);
+  const at::Tensor& view = kin.view;
+  const Geometry& g = kin.geometry;
+  const at::Tensor dy = match_strides(grad_output, view);
+  const at::Tensor mean_c = mean.contiguous();
+  at::Tensor sum_dy = at::empty({g.channels}, mean_c.options());
+  at::Tensor sum_dy_xmu = at::empty({g.channels}, mean_c.options());
+  if (view.numel() == 0) {
+    sum_dy.zero_();
+    sum_dy_xmu.zero_();
+    return {sum_dy, sum_dy_xmu};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward_reduce", [&] {
+    using acc_t = acc_type<scalar_t>;
+    GradReduction<scalar_t, acc_t> red{};
+    red.x = view.const_data_ptr<scalar_t>();
+    red.dy = dy.const_data_ptr<scalar_t>();
+    red.mean = mean_c.const_data_ptr<acc_t>();
+    red.sum_dy = sum_dy.data_ptr<acc_t>();
+    red.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
+    run_reduction(red, make_plan<scalar_t>(g, {red.x, red.dy}, kReduceElementsPerThread, view),
+                  view);
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+at::Tensor backward_elemt_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                               const at::Tensor& mean, const at::Tensor& invstd,
+                               const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
+                               const at::Tensor& mean_dy_xmu) {
+  constexpr const char* op = "ckbn::backward_elemt";
+  check_input(input, op);
+  check_same_shape(grad_output, "grad_output", input, op);
+  check_stats(mean, "mean", input, op);
+  check_stats(invstd, "invstd", input, op);
+  check_stats(mean_dy, "mean_dy", input, op);
+  check_stats(mean_dy_xmu, "mean_dy_xmu", input, op);
+  check_affine(weight, "weight", input, op);
+  const KernelInput kin(input, op);
+  const at::Tensor& view = kin.view;
+  const Geometry& g = kin.geometry;
+  const at::Tensor dy = match_strides(grad_output, view);
+  at::Tensor grad_input = at::empty_like(view);
+  if (view.numel() == 0) {
+    return in_output_format(grad_input, input);
+  }
+  const auto weight_c = contiguous_if_defined(weight);
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const at::Tensor mean_dy_c = mean_dy.contiguous();
+  const at::Tensor mean_dy_xmu_c = mean_dy_xmu.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward_elemt", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const BackwardElementwise<scalar_t, acc_t> element{view.const_data_ptr<scalar_t>(),
+                                                       dy.const_data_ptr<scalar_t>(),
+                                                       nullptr,
+                                                       mean_c.const_data_ptr<acc_t>(),
+                                                       invstd_c.const_data_ptr<acc_t>(),
+                                                       channel_param<scalar_t, acc_t>(weight_c, 1.0),
+                                                       mean_dy_c.const_data_ptr<acc_t>(),
+                                                       mean_dy_xmu_c.const_data_ptr<acc_t>(),
+                                                       acc_t(1),
+                                                       true};
+    run_grad_input(element, grad_input, g, view);
+  });
+  return in_output_format(grad_input, input);
+}
+
+}  // namespace
+}  // namespace ckbn
+
+TORCH_LIBRARY_IMPL(ckbn, CUDA, m) {
+  m.impl("batch_stats", &ckbn::batch_stats_cuda);
+  m.impl("normalize", &ckbn::normalize_cuda);
+  m.impl("update_running_stats", &ckbn::update_running_stats_cuda);
+  m.impl("backward", &ckbn::backward_cuda);
+  m.impl("backward_reduce", &ckbn::backward_reduce_cuda);
+  m.impl("backward_elemt", &ckbn::backward_elemt_cuda);
+}

@@ -1,0 +1,155 @@
+// Runs CUDA kernels on the host: each CUDA thread of a block is a std::thread, blocks run one at a
+// time, __syncthreads and __syncwarp are barriers and warp shuffles go through a per-warp buffer.
+//
+// It exists so that the kernels of csrc/cuda can be executed and compared with the reference on a
+// machine without a GPU: their index arithmetic, block merges, split reductions and vector paths
+// run exactly as written. It says nothing about performance or about memory-model subtleties
+// (every emulated thread sees every write at once).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <barrier>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// Blocks run one after another, so one copy of a block's shared memory serves every block.
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+namespace emu {
+
+struct BlockSync {
+  explicit BlockSync(int threads) : block(threads) {
+    for (int w = 0; w < (threads + 31) / 32; ++w) {
+      const int lanes = std::min(32, threads - 32 * w);
+      warps.push_back(std::make_unique<std::barrier<>>(lanes));
+    }
+    exchange.resize(threads);
+  }
+  std::barrier<> block;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<std::uint64_t> exchange;  // one slot per thread for shuffles
+};
+
+inline thread_local BlockSync* current = nullptr;
+inline thread_local int linear_tid = 0;
+
+// Multiprocessors the emulated device reports (it sets how far channels are split).
+inline int multiprocessors() {
+  const char* env = std::getenv("CKBN_EMULATED_SMS");
+  return env != nullptr ? std::atoi(env) : 4;
+}
+
+// Runs kernel(args...) over the grid. One std::thread per CUDA thread of a block, created once per
+// launch; each block gets fresh barriers, since threads that exit early drop out of them.
+template <typename... Params, typename... Args>
+void launch(dim3 grid, dim3 block, std::size_t /*shared_bytes*/, void* /*stream*/,
+            void (*kernel)(Params...), Args&&... args) {
+  const std::tuple<Params...> params(std::forward<Args>(args)...);
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
+  std::unique_ptr<BlockSync> sync;
+  std::barrier<> start(threads + 1);
+  std::barrier<> done(threads + 1);
+  std::vector<std::thread> workers;
+  workers.reserve(threads);
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      linear_tid = t;
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      blockDim = block;
+      gridDim = grid;
+      for (long b = 0; b < blocks; ++b) {
+        start.arrive_and_wait();
+        current = sync.get();
+        blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (static_cast<long>(grid.x) * grid.y));
+        std::apply(kernel, params);
+        // An exited thread no longer takes part in barriers, as on the device.
+        current->warps[t / 32]->arrive_and_drop();
+        current->block.arrive_and_drop();
+        done.arrive_and_wait();
+      }
+    });
+  }
+  for (long b = 0; b < blocks; ++b) {
+    sync = std::make_unique<BlockSync>(threads);
+    start.arrive_and_wait();
+    done.arrive_and_wait();
+  }
+  for (auto& w : workers) {
+    w.join();
+  }
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::current->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  emu::current->warps[emu::linear_tid / 32]->arrive_and_wait();
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned /*mask*/, T value, int delta) {
+  static_assert(sizeof(T) <= sizeof(std::uint64_t), "shuffled values are at most 8 bytes");
+  auto& sync = *emu::current;
+  const int lane = emu::linear_tid % 32;
+  const int warp_base = emu::linear_tid - lane;
+  std::uint64_t slot = 0;
+  std::memcpy(&slot, &value, sizeof(T));
+  sync.exchange[emu::linear_tid] = slot;
+  __syncwarp();
+  T out = value;
+  if (lane + delta < 32) {
+    std::memcpy(&out, &sync.exchange[warp_base + lane + delta], sizeof(T));
+  }
+  __syncwarp();
+  return out;
+}
+
+// The slice of the CUDA runtime and of c10/cuda the host code uses.
+using cudaStream_t = void*;
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = emu::multiprocessors();
+  return cudaSuccess;
+}
+#define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "emulated CUDA call failed")
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream() { return {}; }
+}  // namespace cuda
+}  // namespace c10
