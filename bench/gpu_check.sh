@@ -15,6 +15,8 @@
 #                             need one are printed instead of run, the rest run on the CPU.
 set -u
 cd "$(dirname "$0")/.."
+# The in-place build lands in src/ckbn (src layout); every python below imports it from there.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 OUT_DIR="${OUT:-bench/out/gpu_check}"
 BUDGET="${CKBN_GPU_CHECK_BUDGET:-480}"

@@ -15,9 +15,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ckbn import _backend, reference  # noqa: E402
+from ckbn import _backend, reference
 
 EPS = 1e-5
 # (shape, layout, dtype): what each reaches is in the comment.
