@@ -52,6 +52,25 @@ void check_affine(const c10::optional<at::Tensor>& param, const char* name, cons
 void check_same_shape(const at::Tensor& other, const char* name, const at::Tensor& input,
                       const char* op);
 
+// Each operator's argument contract (see the schemas in ops.cpp), checked by every backend before
+// it touches memory, so that bad input is the same RuntimeError whichever backend runs.
+void check_batch_stats_args(const at::Tensor& input);
+void check_normalize_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                          const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias);
+void check_update_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                     const at::Tensor& num_batches_tracked, const at::Tensor& mean,
+                                     const at::Tensor& invstd, int64_t count);
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                         const at::Tensor& mean, const at::Tensor& invstd,
+                         const c10::optional<at::Tensor>& weight);
+void check_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const at::Tensor& mean);
+void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                               const at::Tensor& mean, const at::Tensor& invstd,
+                               const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
+                               const at::Tensor& mean_dy_xmu);
+
 // A dense view of `input` in one of the two layouts kernels handle, plus its geometry. Dense
 // channels_last input (C innermost) stays as it is; contiguous input is ChannelPlanes; anything
 // else is made contiguous.

@@ -59,6 +59,96 @@ void check_same_shape(const at::Tensor& other, const char* name, const at::Tenso
 
 namespace {
 
+// A per-channel statistics vector: (C,) in the statistics dtype of input.
+void check_stats(const at::Tensor& vec, const char* name, const at::Tensor& input, const char* op) {
+  const auto dtype = stats_dtype(input.scalar_type());
+  check_channel_vector(vec, name, input, dtype, dtype, op);
+}
+
+}  // namespace
+
+void check_batch_stats_args(const at::Tensor& input) {
+  check_input(input, "ckbn::batch_stats");
+}
+
+void check_normalize_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                          const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "ckbn::normalize";
+  check_input(input, op);
+  check_stats(mean, "mean", input, op);
+  check_stats(invstd, "invstd", input, op);
+  check_affine(weight, "weight", input, op);
+  check_affine(bias, "bias", input, op);
+}
+
+void check_update_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                     const at::Tensor& num_batches_tracked, const at::Tensor& mean,
+                                     const at::Tensor& invstd, int64_t count) {
+  constexpr const char* op = "ckbn::update_running_stats";
+  TORCH_CHECK(count >= 2, op, ": expected count of at least 2, but got ", count);
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"running_mean", &running_mean},
+      {"running_var", &running_var},
+      {"num_batches_tracked", &num_batches_tracked},
+      {"invstd", &invstd}};
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK(t->device() == mean.device(), op, ": expected ", name,
+                " to be on the same device as mean (", mean.device(), "), but got ", t->device());
+  }
+  TORCH_CHECK(mean.dim() == 1 && running_mean.sizes() == mean.sizes() &&
+                  running_var.sizes() == mean.sizes() && invstd.sizes() == mean.sizes(),
+              op, ": running_mean, running_var, mean and invstd should all have shape ", mean.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+              ": expected mean of dtype float32 or float64, but got ", mean.scalar_type());
+  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), op, ": expected invstd of dtype ",
+              mean.scalar_type(), ", but got ", invstd.scalar_type());
+  for (const auto& [name, t] : {others[0], others[1]}) {
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK(
+        dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+        op, ": expected ", name, " of a floating dtype, but got ", dtype);
+  }
+  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1, op,
+              ": expected num_batches_tracked to hold one int64 value, but got ",
+              num_batches_tracked.scalar_type(), " of shape ", num_batches_tracked.sizes());
+}
+
+void check_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const at::Tensor& mean) {
+  constexpr const char* op = "ckbn::backward_reduce";
+  check_input(input, op);
+  check_same_shape(grad_output, "grad_output", input, op);
+  check_stats(mean, "mean", input, op);
+}
+
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                         const at::Tensor& mean, const at::Tensor& invstd,
+                         const c10::optional<at::Tensor>& weight) {
+  constexpr const char* op = "ckbn::backward";
+  check_input(input, op);
+  check_same_shape(grad_output, "grad_output", input, op);
+  check_stats(mean, "mean", input, op);
+  check_stats(invstd, "invstd", input, op);
+  check_affine(weight, "weight", input, op);
+}
+
+void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                               const at::Tensor& mean, const at::Tensor& invstd,
+                               const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
+                               const at::Tensor& mean_dy_xmu) {
+  constexpr const char* op = "ckbn::backward_elemt";
+  check_input(input, op);
+  check_same_shape(grad_output, "grad_output", input, op);
+  check_stats(mean, "mean", input, op);
+  check_stats(invstd, "invstd", input, op);
+  check_stats(mean_dy, "mean_dy", input, op);
+  check_stats(mean_dy_xmu, "mean_dy_xmu", input, op);
+  check_affine(weight, "weight", input, op);
+}
+
+namespace {
+
 // True when `t` is dense with dimension 1 innermost: (N, C, *) stored as (N, *, C).
 bool is_channels_innermost(const at::Tensor& t) {
   return t.movedim(1, -1).is_contiguous();

@@ -87,20 +87,8 @@ at::Tensor channel_tensor(const at::Tensor& input) {
   return at::empty({input.size(1)}, input.options().dtype(stats_dtype(input.scalar_type())));
 }
 
-void check_stats(const at::Tensor& vec, const char* name, const at::Tensor& input, const char* op) {
-  const auto dtype = stats_dtype(input.scalar_type());
-  check_channel_vector(vec, name, input, dtype, dtype, op);
-}
-
-void check_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
-                    const char* op) {
-  check_input(input, op);
-  check_same_shape(grad_output, "grad_output", input, op);
-  check_stats(mean, "mean", input, op);
-}
-
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double eps) {
-  check_input(input, "ckbn::batch_stats");
+  check_batch_stats_args(input);
   const auto [x, g] = loop_view(input);
   at::Tensor mean = channel_tensor(input);
   at::Tensor invstd = channel_tensor(input);
@@ -110,12 +98,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double e
 
 at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
-  constexpr const char* op = "ckbn::normalize";
-  check_input(input, op);
-  check_stats(mean, "mean", input, op);
-  check_stats(invstd, "invstd", input, op);
-  check_affine(weight, "weight", input, op);
-  check_affine(bias, "bias", input, op);
+  check_normalize_args(input, mean, invstd, weight, bias);
   const auto [x, g] = loop_view(input);
   return element_output(input, x, [&](const at::Tensor& output) {
     kernels().normalize(x, g, mean, invstd, weight, bias, output);
@@ -127,27 +110,9 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           const at::Tensor& invstd, c10::optional<double> momentum, double eps,
                           int64_t count) {
   constexpr const char* op = "ckbn::update_running_stats";
-  TORCH_CHECK(count >= 2, op, ": expected count of at least 2, but got ", count);
-  TORCH_CHECK(mean.dim() == 1 && running_mean.sizes() == mean.sizes() &&
-                  running_var.sizes() == mean.sizes() && invstd.sizes() == mean.sizes(),
-              op, ": running_mean, running_var, mean and invstd should all have shape ",
-              mean.sizes());
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
-              ": expected mean of dtype float32 or float64, but got ", mean.scalar_type());
-  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), op, ": expected invstd of dtype ",
-              mean.scalar_type(), ", but got ", invstd.scalar_type());
-  for (const at::Tensor* running : {&running_mean, &running_var}) {
-    TORCH_CHECK(at::isFloatingType(running->scalar_type()), op,
-                ": expected running statistics of a floating dtype, but got ",
-                running->scalar_type());
-  }
-  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1,
-              op, ": expected num_batches_tracked to hold one int64 value, but got ",
-              num_batches_tracked.scalar_type(), " of shape ", num_batches_tracked.sizes());
-  for (const at::Tensor* t : {&running_mean, &running_var, &num_batches_tracked, &invstd}) {
-    TORCH_CHECK(t->device() == mean.device(), op, ": expected every tensor on ", mean.device(),
-                ", but got one on ", t->device());
-  }
+  check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd,
+                                  count);
+  TORCH_CHECK(mean.device().is_cpu(), op, ": expected mean on the CPU, but got ", mean.device());
 
   int64_t& batches = *num_batches_tracked.mutable_data_ptr<int64_t>();
   batches += 1;
@@ -181,10 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool train,
     std::array<bool, 3> output_mask) {
-  constexpr const char* op = "ckbn::backward";
-  check_backward(grad_output, input, mean, op);
-  check_stats(invstd, "invstd", input, op);
-  check_affine(weight, "weight", input, op);
+  check_backward_args(grad_output, input, mean, invstd, weight);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto [x, g] = loop_view(input);
   const at::Tensor dy = match_strides(grad_output, x);
@@ -209,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto no_grad = [&] { return at::empty({0}, mean.options().dtype(param_dtype)); };
   at::Tensor grad_weight = no_grad();
   if (need_weight) {
-    AT_DISPATCH_FLOATING_TYPES(sum_dy_xmu.scalar_type(), op, [&] {
+    AT_DISPATCH_FLOATING_TYPES(sum_dy_xmu.scalar_type(), "ckbn::backward", [&] {
       const at::Tensor invstds = invstd.contiguous();
       const scalar_t* invstd_p = invstds.const_data_ptr<scalar_t>();
       scalar_t* p = sum_dy_xmu.mutable_data_ptr<scalar_t>();  // sum_dy_xmu is not returned
@@ -225,8 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output,
                                                    const at::Tensor& input, const at::Tensor& mean) {
-  constexpr const char* op = "ckbn::backward_reduce";
-  check_backward(grad_output, input, mean, op);
+  check_backward_reduce_args(grad_output, input, mean);
   const auto [x, g] = loop_view(input);
   at::Tensor sum_dy = channel_tensor(input);
   at::Tensor sum_dy_xmu = channel_tensor(input);
@@ -239,12 +200,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
                           const at::Tensor& mean, const at::Tensor& invstd,
                           const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
                           const at::Tensor& mean_dy_xmu) {
-  constexpr const char* op = "ckbn::backward_elemt";
-  check_backward(grad_output, input, mean, op);
-  check_stats(invstd, "invstd", input, op);
-  check_stats(mean_dy, "mean_dy", input, op);
-  check_stats(mean_dy_xmu, "mean_dy_xmu", input, op);
-  check_affine(weight, "weight", input, op);
+  check_backward_elemt_args(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu);
   const auto [x, g] = loop_view(input);
   const at::Tensor dy = match_strides(grad_output, x);
   return element_output(input, x, [&](const at::Tensor& grad_input) {

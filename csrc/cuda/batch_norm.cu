@@ -890,11 +890,6 @@ void run_elementwise(const Op& op, const LaunchPlan& p) {
 // ---------------------------------------------------------------------------------------------
 // Host side: argument handling shared by the operators.
 
-void check_stats(const at::Tensor& vec, const char* name, const at::Tensor& input, const char* op) {
-  const auto dtype = stats_dtype(input.scalar_type());
-  check_channel_vector(vec, name, input, dtype, dtype, op);
-}
-
 // The input of an operator whose arguments passed the shared checks (which name any tensor on
 // the wrong device): the guard that puts the kernels on input's device, and the kernel view.
 struct KernelInput {
@@ -969,7 +964,7 @@ at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
 
 std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, double eps) {
   constexpr const char* op = "ckbn::batch_stats";
-  check_input(input, op);
+  check_batch_stats_args(input);
   const KernelInput kin(input, op);
   const at::Tensor& view = kin.view;
   const Geometry& g = kin.geometry;
@@ -994,11 +989,7 @@ at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const
                           const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "ckbn::normalize";
-  check_input(input, op);
-  check_stats(mean, "mean", input, op);
-  check_stats(invstd, "invstd", input, op);
-  check_affine(weight, "weight", input, op);
-  check_affine(bias, "bias", input, op);
+  check_normalize_args(input, mean, invstd, weight, bias);
   const KernelInput kin(input, op);
   const at::Tensor& view = kin.view;
   const Geometry& g = kin.geometry;
@@ -1048,31 +1039,8 @@ void update_running_stats_cuda(const at::Tensor& running_mean, const at::Tensor&
                                const at::Tensor& invstd, c10::optional<double> momentum, double eps,
                                int64_t count) {
   constexpr const char* op = "ckbn::update_running_stats";
-  TORCH_CHECK(count >= 2, op, ": expected count of at least 2, but got ", count);
-  const std::pair<const char*, const at::Tensor*> others[] = {
-      {"running_mean", &running_mean},
-      {"running_var", &running_var},
-      {"num_batches_tracked", &num_batches_tracked},
-      {"invstd", &invstd}};
-  for (const auto& [name, t] : others) {
-    TORCH_CHECK(t->device() == mean.device(), op, ": expected ", name,
-                " to be on the same device as mean (", mean.device(), "), but got ", t->device());
-  }
-  TORCH_CHECK(mean.dim() == 1 && running_mean.sizes() == mean.sizes() &&
-                  running_var.sizes() == mean.sizes() && invstd.sizes() == mean.sizes(),
-              op, ": running_mean, running_var, mean and invstd should all have shape ", mean.sizes());
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
-              ": expected mean of dtype float32 or float64, but got ", mean.scalar_type());
-  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), op, ": expected invstd of dtype ",
-              mean.scalar_type(), ", but got ", invstd.scalar_type());
-  for (const auto& [name, t] : {others[0], others[1]}) {
-    const auto dtype = t->scalar_type();
-    TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                op, ": expected ", name, " of a floating dtype, but got ", dtype);
-  }
-  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1, op,
-              ": expected num_batches_tracked to be a single int64 element, but got ",
-              num_batches_tracked.scalar_type(), " of shape ", num_batches_tracked.sizes());
+  check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd,
+                                  count);
   TORCH_CHECK(mean.is_cuda(), op, ": expected mean on a CUDA device, but got ", mean.device());
   const c10::cuda::CUDAGuard guard(mean.device());
   const at::Tensor mean_c = mean.contiguous();
@@ -1105,11 +1073,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool train,
     std::array<bool, 3> output_mask) {
   constexpr const char* op = "ckbn::backward";
-  check_input(input, op);
-  check_same_shape(grad_output, "grad_output", input, op);
-  check_stats(mean, "mean", input, op);
-  check_stats(invstd, "invstd", input, op);
-  check_affine(weight, "weight", input, op);
+  check_backward_args(grad_output, input, mean, invstd, weight);
   const KernelInput kin(input, op);
   const at::Tensor& view = kin.view;
   const Geometry& g = kin.geometry;
@@ -1188,9 +1152,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
                                                         const at::Tensor& input,
                                                         const at::Tensor& mean) {
   constexpr const char* op = "ckbn::backward_reduce";
-  check_input(input, op);
-  check_same_shape(grad_output, "grad_output", input, op);
-  check_stats(mean, "mean", input, op);
+  check_backward_reduce_args(grad_output, input, mean);
   const KernelInput kin(input, op);
   const at::Tensor& view = kin.view;
   const Geometry& g = kin.geometry;
@@ -1222,13 +1184,7 @@ at::Tensor backward_elemt_cuda(const at::Tensor& grad_output, const at::Tensor& 
                                const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
                                const at::Tensor& mean_dy_xmu) {
   constexpr const char* op = "ckbn::backward_elemt";
-  check_input(input, op);
-  check_same_shape(grad_output, "grad_output", input, op);
-  check_stats(mean, "mean", input, op);
-  check_stats(invstd, "invstd", input, op);
-  check_stats(mean_dy, "mean_dy", input, op);
-  check_stats(mean_dy_xmu, "mean_dy_xmu", input, op);
-  check_affine(weight, "weight", input, op);
+  check_backward_elemt_args(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu);
   const KernelInput kin(input, op);
   const at::Tensor& view = kin.view;
   const Geometry& g = kin.geometry;
