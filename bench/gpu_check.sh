@@ -3,7 +3,8 @@
 #   1. build ckbn._C in place for sm_90 and import it
 #   2. the CUDA tests (tests/test_cuda.py; tests with "cuda" in their id elsewhere), first without
 #      the slow ones, then the slow ones (more than 2^31 elements); bench/gpu_smoke.py (every op,
-#      both layouts), which also stands in when pytest is missing
+#      both layouts), which also stands in when pytest is missing; bench/sync_nccl_check.py
+#      (SyncBatchNorm over NCCL, world size 1)
 #   3. compute-sanitizer memcheck and racecheck over bench/gpu_smoke.py
 #   4. bench/ops.py --device cuda, with the time that is left
 # and prints a summary table last. Each step has its own timeout; a failing step does not stop the
@@ -125,8 +126,11 @@ else
 fi
 if dry; then
   step smoke 120 "$OUT_DIR/tests.log" $PYTHON bench/gpu_smoke.py --device cpu
+  step "syncbn (dry: gloo)" 120 "$OUT_DIR/tests.log" $PYTHON bench/sync_nccl_check.py --backend gloo --device cpu
 else
   step smoke 120 "$OUT_DIR/tests.log" $PYTHON bench/gpu_smoke.py --device cuda
+  # SyncBatchNorm's collectives over NCCL, in a one-rank group.
+  step "syncbn: nccl" 120 "$OUT_DIR/tests.log" $PYTHON bench/sync_nccl_check.py --backend nccl --device cuda
 fi
 
 # ---------------------------------------------------------------------------------------------
