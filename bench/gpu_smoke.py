@@ -10,7 +10,6 @@ test of last resort when pytest is not installed. Exits with status 1 on any mis
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch

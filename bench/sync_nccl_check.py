@@ -13,7 +13,6 @@ Exits 1 on a mismatch.
 from __future__ import annotations
 
 import argparse
-import copy
 import socket
 import sys
 

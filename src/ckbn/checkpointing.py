@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -230,9 +230,4 @@ def checkpoint_sequential(
     return input
 
 
-__all__: Iterable[str] = (
-    "checkpoint",
-    "checkpoint_sequential",
-    "in_backward_pass",
-    "update_running_stats_in_backward",
-)
+__all__ = ["checkpoint", "checkpoint_sequential", "in_backward_pass", "update_running_stats_in_backward"]
