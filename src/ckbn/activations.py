@@ -70,6 +70,6 @@ def derivative(z: Tensor, activation: str, activation_param: float = 0.0) -> Ten
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
     if activation == "hardswish":
-        # torch's hardswish_backward: 0 below -3, x/3 + 1/2 up to 3 inclusive, 1 above.
-        return torch.where(z < -3, torch.zeros_like(z), torch.where(z <= 3, z / 3 + 0.5, torch.ones_like(z)))
+        # torch's hardswish_backward: 0 up to -3 inclusive, x/3 + 1/2 strictly inside, 1 from 3 on.
+        return torch.where(z <= -3, torch.zeros_like(z), torch.where(z < 3, z / 3 + 0.5, torch.ones_like(z)))
     raise ValueError(f"unknown activation {activation!r}")
