@@ -179,7 +179,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0].legend()
     figure.suptitle(f"{report['machine']}, ckbn backend: {report['ckbn_backend']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")  # whatever the file is called
     plt.close(figure)
 
 

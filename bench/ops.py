@@ -307,7 +307,7 @@ def plot(rows: List[Row], path: str, device: str) -> None:
         ax.set_ylabel("torch / ckbn")
         ax.set_title(f"{case} ({device})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # whatever the file is called
     plt.close(fig)
 
 

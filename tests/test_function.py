@@ -12,12 +12,14 @@ EPS = 1e-5
 
 def _train_forward(x, weight, bias):
     mean, invstd = ops.batch_stats(x.detach(), EPS)
-    return BatchNormFunction.apply(x, weight, bias, mean, invstd, True)
+    return BatchNormFunction.apply(x, weight, bias, mean, invstd, True, EPS, "identity", 0.0)
 
 
 def _eval_forward(running_mean, running_var):
     def forward(x, weight, bias):
-        return BatchNormFunction.apply(x, weight, bias, running_mean, torch.rsqrt(running_var + EPS), False)
+        return BatchNormFunction.apply(
+            x, weight, bias, running_mean, torch.rsqrt(running_var + EPS), False, EPS, "identity", 0.0
+        )
 
     return forward
 

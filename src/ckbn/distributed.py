@@ -112,9 +112,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean, invstd, group) -> Tensor:
+    def forward(
+        ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean, invstd, eps, group
+    ) -> Tensor:
         ctx.group = group
-        return BatchNormFunction.forward(ctx, input, weight, bias, mean, invstd, True)
+        return BatchNormFunction.forward(ctx, input, weight, bias, mean, invstd, True, eps, "identity", 0.0)
 
     @staticmethod
     @once_differentiable
@@ -125,7 +127,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         needs_bias = ctx.needs_input_grad[2] and ctx.has_bias
         grad_input = grad_weight = grad_bias = None
         if not (needs_input or needs_weight or needs_bias):
-            return None, None, None, None, None, None
+            return (None,) * 7
 
         sum_dy, sum_dy_xmu = ops.backward_reduce(grad_output, input, mean)
         if needs_weight:
@@ -140,7 +142,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(sums, group=ctx.group)
             mean_dy, mean_dy_xmu = (sums[: 2 * channels] / sums[2 * channels]).split(channels)
             grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 class SyncStatistics(modules.LocalStatistics):
@@ -157,9 +159,19 @@ class SyncStatistics(modules.LocalStatistics):
         return global_batch_stats(input, eps, self.group)
 
     def normalize(
-        self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor
+        self,
+        input: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        mean: Tensor,
+        invstd: Tensor,
+        eps: float,
+        activation: str = "identity",
+        activation_param: float = 0.0,
     ) -> Tensor:
-        return SyncBatchNormFunction.apply(input, weight, bias, mean, invstd, self.group)
+        if activation != "identity":
+            raise NotImplementedError("SyncBatchNorm fuses no activation")
+        return SyncBatchNormFunction.apply(input, weight, bias, mean, invstd, eps, self.group)
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):

@@ -18,11 +18,13 @@ from ._backend import ops
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """y = (x - mean) * invstd * weight + bias.
+    """y = activation((x - mean) * invstd * weight + bias).
 
     With ``batch_statistics=True``, ``mean`` and ``invstd`` are taken to be the batch statistics of
-    ``input`` (whether just computed or replayed), so the gradient includes their dependence on the
-    input. With ``False`` they are constants (eval mode with running statistics).
+    ``input`` (whether just computed or replayed, with ``invstd = 1 / sqrt(var + eps)``), so the
+    gradient includes their dependence on the input. With ``False`` they are constants (eval mode
+    with running statistics). ``activation`` and ``activation_param`` name a fused activation (see
+    :mod:`ckbn.activations`); ``"identity"`` is plain BatchNorm.
     """
 
     @staticmethod
@@ -34,7 +36,12 @@ class BatchNormFunction(torch.autograd.Function):
         mean: Tensor,
         invstd: Tensor,
         batch_statistics: bool,
+        eps: float,
+        activation: str,
+        activation_param: float,
     ) -> Tensor:
+        if activation != "identity":
+            raise NotImplementedError(f"BatchNormFunction: fused activation {activation!r} is not implemented yet")
         ctx.batch_statistics = batch_statistics
         ctx.has_bias = bias is not None
         ctx.save_for_backward(input, weight, mean, invstd)
@@ -47,7 +54,7 @@ class BatchNormFunction(torch.autograd.Function):
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         output_mask = [needs_input, needs_weight and weight is not None, needs_bias and ctx.has_bias]
         if not any(output_mask):
-            return None, None, None, None, None, None
+            return (None,) * 9
         grad_input, grad_weight, grad_bias = ops.backward(
             grad_output, input, mean, invstd, weight, ctx.batch_statistics, output_mask
         )
@@ -55,7 +62,4 @@ class BatchNormFunction(torch.autograd.Function):
             grad_input if output_mask[0] else None,
             grad_weight if output_mask[1] else None,
             grad_bias if output_mask[2] else None,
-            None,
-            None,
-            None,
-        )
+        ) + (None,) * 6

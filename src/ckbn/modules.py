@@ -56,9 +56,17 @@ class LocalStatistics:
         return mean, invstd, input.numel() // input.size(1)
 
     def normalize(
-        self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor
+        self,
+        input: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        mean: Tensor,
+        invstd: Tensor,
+        eps: float,
+        activation: str = "identity",
+        activation_param: float = 0.0,
     ) -> Tensor:
-        return BatchNormFunction.apply(input, weight, bias, mean, invstd, True)
+        return BatchNormFunction.apply(input, weight, bias, mean, invstd, True, eps, activation, activation_param)
 
 
 LOCAL_STATISTICS = LocalStatistics()
@@ -68,8 +76,13 @@ def batch_norm_forward(
     module: torch.nn.modules.batchnorm._BatchNorm,
     input: Tensor,
     statistics: LocalStatistics = LOCAL_STATISTICS,
+    activation: str = "identity",
+    activation_param: float = 0.0,
 ) -> Tensor:
-    """The forward of every ckbn BatchNorm module; ``statistics`` supplies the batch statistics."""
+    """The forward of every ckbn BatchNorm module; ``statistics`` supplies the batch statistics.
+
+    ``activation`` (a name from :mod:`ckbn.activations`) is applied in the same kernel.
+    """
     _validate(module, input)
     if module.training:
         statistics.check_batch_size(input)
@@ -78,7 +91,9 @@ def batch_norm_forward(
         acc = stats_dtype(input.dtype)
         mean = module.running_mean.to(acc)
         invstd = torch.rsqrt(module.running_var.to(acc) + module.eps)
-        return BatchNormFunction.apply(input, module.weight, module.bias, mean, invstd, False)
+        return BatchNormFunction.apply(
+            input, module.weight, module.bias, mean, invstd, False, module.eps, activation, activation_param
+        )
 
     # Statistics are inputs of the Function, not part of its graph: its backward differentiates
     # through them analytically, so they are computed on a detached view.
@@ -98,7 +113,9 @@ def batch_norm_forward(
         (mean, invstd), replayed = checkpointing.resolve_batch_stats(compute, input.size(1), input.device)
         recompute = replayed or checkpointing.in_backward_pass()
 
-    output = statistics.normalize(input, module.weight, module.bias, mean, invstd)
+    output = statistics.normalize(
+        input, module.weight, module.bias, mean, invstd, module.eps, activation, activation_param
+    )
 
     if module.training and module.track_running_stats and not recompute and count > 0:
         ops.update_running_stats(
