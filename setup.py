@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 
 try:
@@ -128,7 +129,15 @@ print(
     file=sys.stderr,
 )
 
+
+def license_metadata():
+    """BSD-3-Clause as an SPDX expression where setuptools knows them (77+), as plain text before."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "BSD-3-Clause"} if major >= 77 else {"license": "BSD-3-Clause"}
+
+
 setup(
+    **license_metadata(),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )
