@@ -26,6 +26,20 @@ except ImportError:
         "(plain `pip install .` builds in an isolated environment without your torch)."
     )
 
+if "bdist_wheel" in sys.argv or "dist_info" in sys.argv:
+    # setuptools before 70.1 builds wheels only with the `wheel` package, which a fresh venv lacks.
+    try:
+        from setuptools.command.bdist_wheel import bdist_wheel  # noqa: F401  (setuptools >= 70.1)
+    except ImportError:
+        try:
+            import wheel  # noqa: F401
+        except ImportError:
+            sys.exit(
+                f"ckbn: setuptools {setuptools.__version__} needs the `wheel` package to build a wheel:\n"
+                "    pip install wheel        (or: pip install 'setuptools>=70.1')\n"
+                "then run `pip install --no-build-isolation .` again."
+            )
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Architectures shipped when no GPU is visible to pick from: Ampere, Ada, Hopper, plus PTX for
 # the newest so that later GPUs can JIT it.
