@@ -92,6 +92,8 @@ def _per_channel(vec: Optional[Tensor], input: Tensor, default: float) -> Tensor
 
 def _memory_format(input: Tensor) -> torch.memory_format:
     """The memory format the kernels give their outputs: channels_last stays channels_last."""
+    if torch._C._functorch.is_batchedtensor(input):
+        return torch.contiguous_format  # vmap cannot query another format (and lays samples out itself)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return torch.channels_last
     if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous():
