@@ -46,17 +46,17 @@ def batch_norm_composite(
     """What :class:`BatchNormFunction` computes, in torch operations: differentiable to any order and
     under every torch.func transform.
 
-    With ``batch_statistics``, ``mean`` and ``invstd`` keep their values (computed or replayed, so
-    the derivatives are taken where the forward was) but differentiate as the biased statistics of
-    ``input``, ``invstd = rsqrt(var + eps)``.
+    With ``batch_statistics``, ``mean`` and ``invstd`` are recomputed from ``input`` (biased variance,
+    ``invstd = rsqrt(var + eps)``), equal to the given ones up to rounding, whether those were just
+    computed or replayed by :func:`ckbn.checkpoint`.
     """
     shape = _channel_shape(input)
     x = input.to(mean.dtype)
     if batch_statistics and input.numel() > 0:
-        var, batch_mean = torch.var_mean(x, dim=(0,) + tuple(range(2, input.dim())), correction=0)
-        batch_invstd = torch.rsqrt(var + eps)
-        mean = mean + (batch_mean - batch_mean.detach())
-        invstd = invstd + (batch_invstd - batch_invstd.detach())
+        # Recomputed rather than attached to the given values: a detach() inside a transform cuts
+        # only its own level, and every level must see the dependence on the input.
+        var, mean = torch.var_mean(x, dim=(0,) + tuple(range(2, input.dim())), correction=0)
+        invstd = torch.rsqrt(var + eps)
     z = (x - mean.reshape(shape)) * invstd.reshape(shape)
     if weight is not None:
         z = z * weight.to(mean.dtype).reshape(shape)
