@@ -12,10 +12,25 @@ import torch.autograd.forward_ad as fwAD
 from bn_pair import ACTIVATIONS_UNDER_TEST, MODES, assert_same_buffers, make_pair
 from torch.func import functional_call
 
+import ckbn
 from ckbn._backend import ops
 
 # 1d with and without length, 2d, 3d; C=1, H*W=1 and N*H*W=2 among them.
 SHAPES = [(4, 3), (3, 2, 5), (5, 1, 3), (3, 2, 2, 3), (2, 3, 1, 1), (2, 2, 2, 1, 2)]
+DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
+
+
+def _channels_last(x):
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return x.contiguous(memory_format=formats[x.dim()]) if x.dim() in formats else x
+
+
+# The input's layout, values unchanged: contiguous, channels_last (4-D and 5-D), or batch-strided.
+LAYOUTS = {
+    "contiguous": lambda x: x,
+    "channels_last": _channels_last,
+    "strided": lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),
+}
 
 
 def make_inputs(model, shape, affine, device, dtype=torch.float64):
@@ -52,13 +67,15 @@ def test_gradgradcheck(device, shape, affine, train, activation):
 @pytest.mark.parametrize("activation", ACTIVATIONS_UNDER_TEST)
 @pytest.mark.parametrize("train", MODES)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(4, 3), (3, 2, 2, 3), (2, 2, 2, 1, 2)], ids=str)
-def test_gradient_penalty_matches_torch(device, shape, affine, train, activation):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_penalty_matches_torch(device, dtype, shape, layout, affine, train, activation):
     """Double backward through a gradient penalty: torch's gradients, torch's running statistics."""
     results = []
-    for model in make_pair(shape, affine, train, activation, device):
-        inputs = make_inputs(model, shape, affine, device)
-        y = as_function(model)(*inputs)
+    for model in make_pair(shape, affine, train, activation, device, dtype):
+        inputs = make_inputs(model, shape, affine, device, dtype)
+        y = as_function(model)(LAYOUTS[layout](inputs[0]), *inputs[1:])
         weights = torch.linspace(-1, 2, y.numel(), dtype=y.dtype, device=device).view_as(y)
         first = torch.autograd.grad((y * weights).sum(), inputs, create_graph=True)
         penalty = sum((g * g).sum() for g in first) + (y * y).sum()
@@ -100,11 +117,10 @@ FORWARD_AD_CASES = {
 @pytest.mark.parametrize("activation", ACTIVATIONS_UNDER_TEST)
 @pytest.mark.parametrize("dual", FORWARD_AD_CASES)
 @pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize(
-    "dtype", [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
-)
-def test_forward_ad_matches_torch(device, shape, train, dual, activation, dtype):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_ad_matches_torch(device, dtype, shape, layout, train, dual, activation):
     """Tangents for a dual input, weight and bias: torch's, with torch's running statistics after."""
     results = []
     for model in make_pair(shape, True, train, activation, device, dtype):
@@ -116,6 +132,7 @@ def test_forward_ad_matches_torch(device, shape, train, dual, activation, dtype)
                 fwAD.make_dual(t.detach(), tangent) if is_dual else t.detach()
                 for t, tangent, is_dual in zip(inputs, tangents, FORWARD_AD_CASES[dual])
             ]
+            args[0] = LAYOUTS[layout](args[0])
             primal, tangent = fwAD.unpack_dual(as_function(model)(*args))
         results.append((primal, tangent, model))
     (primal_t, tangent_t, theirs), (primal_c, tangent_c, ours) = results
@@ -170,3 +187,24 @@ def test_forward_ad_running_stats_with_tangents(train, dual_input, activation):
     else:
         torch.testing.assert_close(ours[1], theirs[1])
     torch.testing.assert_close(our_buffers, their_buffers)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS_UNDER_TEST)
+def test_gradient_penalty_through_ckbn_checkpoint(activation):
+    """The recompute replays the recorded statistics: the same second derivatives as without the
+    checkpoint, and the running statistics updated once."""
+    shape = (4, 3, 5)
+    results = []
+    for run in (lambda model, x: model(x), lambda model, x: ckbn.checkpoint(model, x)):
+        _, model = make_pair(shape, True, True, activation, "cpu")
+        inputs = make_inputs(model, shape, False, "cpu") + tuple(model.parameters())
+        y = run(model, inputs[0])
+        weights = torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)
+        first = torch.autograd.grad((y * weights).sum(), inputs, create_graph=True)
+        penalty = sum((g * g).sum() for g in first) + (y * y).sum()
+        results.append((first, torch.autograd.grad(penalty, inputs), model))
+    (first, second, plain), (first_c, second_c, checkpointed) = results
+    torch.testing.assert_close(first_c, first)
+    torch.testing.assert_close(second_c, second)
+    assert_same_buffers(checkpointed, plain)
+    assert checkpointed.bn.num_batches_tracked.item() == 1

@@ -53,8 +53,8 @@ def batch_norm_composite(
     shape = _channel_shape(input)
     x = input.to(mean.dtype)
     if batch_statistics and input.numel() > 0:
-        # Recomputed rather than attached to the given values: a detach() inside a transform cuts
-        # only its own level, and every level must see the dependence on the input.
+        # Recomputed, so that their dependence on the input is torch operations that every autograd
+        # and transform level differentiates.
         var, mean = torch.var_mean(x, dim=(0,) + tuple(range(2, input.dim())), correction=0)
         invstd = torch.rsqrt(var + eps)
     z = (x - mean.reshape(shape)) * invstd.reshape(shape)
@@ -165,8 +165,8 @@ class _BatchNormFunctionWithJvp(BatchNormFunction):
         if not slots:
             input = ctx.saved_tensors[0]
             return torch.zeros_like(input, memory_format=torch.preserve_format)
-        # Forward AD cannot nest, so the tangent comes from reverse mode: the vjp is linear in its
-        # cotangent, and the vjp of that linear map, applied to the input tangents, is the jvp.
+        # torch.func.jvp cannot open a dual level inside forward AD's own, so the tangent comes from
+        # reverse mode: the vjp is linear in its cotangent; the vjp of that map, at the tangents, is the jvp.
         output, vjp = torch.func.vjp(rebuild, *primals)
         _, transposed_vjp = torch.func.vjp(vjp, torch.zeros_like(output))
         return transposed_vjp(tuple(primal_tangents[i] for i in slots))[0]
