@@ -162,19 +162,24 @@ def test_captured_buffers_in_training_update_once_or_raise_as_torch(transform):
 @pytest.mark.parametrize("activation", ACTIVATIONS_UNDER_TEST)
 @pytest.mark.parametrize("train", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_vmap_with_batched_buffers(device, shape, train, activation):
-    """vmap over models and inputs together: each sample's output and buffers are torch's."""
+@pytest.mark.parametrize("shared_input", [False, True], ids=["batched_input", "shared_input"])
+def test_vmap_with_batched_buffers(device, shared_input, shape, train, activation):
+    """vmap over models (an ensemble: parameters and buffers stacked) with a batch of inputs or one
+    shared input: each model's output, gradients and buffers are torch's."""
     samples = 3
     xs = torch.stack([make_input(shape, device, seed) for seed in range(samples)])
+    if shared_input:
+        xs = xs[0]
     results = []
     for model in make_pair(shape, True, train, activation, device):
         params, buffers = split_state(model)
+        params = {name: torch.stack([p * (i + 1) for i in range(samples)]) for name, p in params.items()}
         batched = {name: torch.stack([b + i for i in range(samples)]) for name, b in buffers.items()}
-        output = vmap(functional(model), in_dims=(None, 0, 0))(params, batched, xs)
-        results.append((output, batched))
-    (theirs, their_buffers), (ours, our_buffers) = results
-    torch.testing.assert_close(ours, theirs)
-    torch.testing.assert_close(our_buffers, their_buffers)
+        in_dims = (0, 0, None if shared_input else 0)
+        output = vmap(functional(model), in_dims=in_dims)(params, batched, xs)
+        grads = vmap(grad(scalar_loss(model)), in_dims=in_dims)(params, batched, xs)
+        results.append((output, grads, batched))
+    torch.testing.assert_close(results[1], results[0])
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS_UNDER_TEST)
