@@ -1,4 +1,5 @@
-"""Chooses the implementation behind the ckbn operators and registers their fake kernels.
+"""Chooses the implementation behind the ckbn operators and registers their fake kernels and
+batching rules.
 
 Two backends exist:
 
@@ -114,3 +115,6 @@ def _register_fakes() -> None:
 
 if extension_loaded:
     _register_fakes()
+    from . import batching  # noqa: E402  (its rules call the ops defined above)
+
+    batching.register()

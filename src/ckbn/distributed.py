@@ -25,7 +25,6 @@ from torch.autograd.function import once_differentiable
 
 from . import modules
 from ._backend import ops
-from .function import BatchNormFunction
 from .reference import stats_dtype
 
 # The forward's first all_gather sends this frame whatever C is: a header (C, count), then mean and
@@ -109,14 +108,20 @@ class SyncBatchNormFunction(torch.autograd.Function):
     It saves the same tensors (input, weight, mean, invstd). Its backward sums the two per-channel
     reductions over the group, so grad_input is exact for the global batch; grad_weight and grad_bias
     are this rank's share, as torch's SyncBatchNorm gives them (DDP all-reduces parameter gradients).
+    Like torch's SyncBatchNorm it has first-order reverse-mode gradients only: a collective per
+    derivative would be needed for more.
     """
 
     @staticmethod
-    def forward(
-        ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean, invstd, eps, group
-    ) -> Tensor:
+    def forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean, invstd, eps, group) -> Tensor:
+        return ops.normalize(input, mean, invstd, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        input, weight, bias, mean, invstd, _, group = inputs
         ctx.group = group
-        return BatchNormFunction.forward(ctx, input, weight, bias, mean, invstd, True, eps, "identity", 0.0)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, mean, invstd)
 
     @staticmethod
     @once_differentiable

@@ -92,6 +92,8 @@ def _per_channel(vec: Optional[Tensor], input: Tensor, default: float) -> Tensor
 
 def _memory_format(input: Tensor) -> torch.memory_format:
     """The memory format the kernels give their outputs: channels_last stays channels_last."""
+    if torch._C._functorch.is_batchedtensor(input):
+        return torch.contiguous_format  # vmap cannot query another format (and lays samples out itself)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return torch.channels_last
     if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous():
@@ -139,15 +141,16 @@ def update_running_stats(
             f"{op}: running_mean, running_var, mean and invstd should all have shape {list(mean.shape)}"
         )
     acc = mean.dtype
-    num_batches_tracked.add_(1)
     if momentum is None:
-        factor = 1.0 / num_batches_tracked.to(acc)
+        factor = 1.0 / (num_batches_tracked + 1).to(acc)
     else:
         factor = torch.tensor(momentum, dtype=acc, device=mean.device)
     biased_var = (1.0 / (invstd * invstd) - eps).clamp_min(0)
     unbiased_var = biased_var * (count / (count - 1))
+    # The count last: a write that fails (under vmap, a batched update of unbatched buffers) comes first.
     running_mean.copy_((1 - factor) * running_mean.to(acc) + factor * mean)
     running_var.copy_((1 - factor) * running_var.to(acc) + factor * unbiased_var)
+    num_batches_tracked.add_(1)
 
 
 def backward_reduce(grad_output: Tensor, input: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
