@@ -207,7 +207,8 @@ def test_op_rejects_an_argument_on_the_meta_device(op, name):
     before = {key: value.clone() for key, value in tensors.items()}
     tensors[name] = torch.empty_like(tensors[name], device="meta")
     anchor = ANCHOR.get(op, "input")
-    with pytest.raises(RuntimeError, match=f"expected {name} to be on the same device as {anchor} \\(cpu\\), but got meta"):
+    message = f"expected {name} to be on the same device as {anchor} \\(cpu\\), but got meta"
+    with pytest.raises(RuntimeError, match=message):
         getattr(ops, op)(*_arguments(op, tensors))
     for key, value in before.items():
         if key != name:
@@ -320,3 +321,49 @@ def test_convert_model_keeps_a_missing_bias():
     assert converted.bias is None and list(converted.state_dict()) == list(bn.state_dict())
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(converted(x), torch.nn.BatchNorm2d(3, bias=False)(x))
+
+
+# --- differences the README lists under Limits ----------------------------------------------------
+
+
+def test_nan_eps_in_training_is_refused_by_the_op():
+    """torch's checks let a NaN eps through and it returns NaN; ckbn's batch_stats refuses it."""
+    ours, theirs = ckbn.BatchNorm2d(3, eps=float("nan")), torch.nn.BatchNorm2d(3, eps=float("nan"))
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.isnan(theirs(x)).all()
+    before = _state(ours)
+    with pytest.raises(RuntimeError, match="ckbn::batch_stats: expected eps to be non-negative, but got nan"):
+        ours(x)
+    _assert_state(ours, before)
+
+
+def test_no_channels_is_refused_by_the_ops():
+    """torch returns an empty output for C = 0; ckbn's operators need a channel."""
+    x = torch.randn(4, 0, 3)
+    assert torch.nn.functional.batch_norm(x, None, None, training=True).shape == x.shape
+    with pytest.raises(RuntimeError, match="at least one channel"):
+        ckbn.functional.batch_norm(x, None, None, training=True)
+
+
+def test_running_buffers_of_another_dtype_are_accepted():
+    """torch's CPU kernel refuses float64 buffers beside float32 input; ckbn averages in the
+    statistics dtype and writes each buffer in its own."""
+    x = torch.randn(4, 3, 2, 2)
+    buffers = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        torch.nn.functional.batch_norm(x, *[b.clone() for b in buffers], training=True)
+    y = ckbn.functional.batch_norm(x, *buffers, training=True)
+    expected_buffers = [torch.zeros(3), torch.ones(3)]
+    expected = torch.nn.functional.batch_norm(x, *expected_buffers, training=True)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close([b.float() for b in buffers], expected_buffers)
+
+
+def test_cumulative_average_without_a_counter_matches_torch():
+    """momentum=None with num_batches_tracked removed: torch averages with factor 0."""
+    ours, theirs = ckbn.BatchNorm2d(3, momentum=None), torch.nn.BatchNorm2d(3, momentum=None)
+    for module in (ours, theirs):
+        module.num_batches_tracked = None
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())

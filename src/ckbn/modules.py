@@ -13,6 +13,7 @@ keys, ``isinstance`` checks and ``extra_repr`` are torch's own. Only ``forward``
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
@@ -34,7 +35,7 @@ class LocalStatistics:
     """
 
     def check_batch_size(self, input: Tensor) -> None:
-        if input.numel() == input.size(1):
+        if input.size(0) * math.prod(input.shape[2:]) == 1:
             # torch's own wording (torch.nn.functional._verify_batch_size).
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
@@ -73,7 +74,9 @@ def _check_arguments(
     """torch.nn.functional.batch_norm's checks, in its order and words, done before anything runs so
     that a failing call changes no state."""
     if input.dim() < 2:
-        raise RuntimeError(f"batch_norm: expected input with at least 2 dimensions (N, C, *), but got {input.dim()}D input")
+        raise RuntimeError(
+            f"batch_norm: expected input with at least 2 dimensions (N, C, *), but got {input.dim()}D input"
+        )
     if training:
         statistics.check_batch_size(input)
     if training and eps <= 0.0:
@@ -181,6 +184,9 @@ def batch_norm_forward(
     # running statistics; the buffers are updated in training mode only if they are tracked.
     use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
     buffers_in_use = not module.training or module.track_running_stats
+    momentum = module.momentum
+    if momentum is None and module.num_batches_tracked is None:
+        momentum = 0.0  # as torch: without a counter the cumulative average leaves the buffers alone
     return batch_norm(
         input,
         module.running_mean if buffers_in_use else None,
@@ -188,7 +194,7 @@ def batch_norm_forward(
         module.weight,
         module.bias,
         use_batch_stats,
-        module.momentum,
+        momentum,
         module.eps,
         num_batches_tracked=module.num_batches_tracked,
         frozen=running_stats.is_frozen(module),
