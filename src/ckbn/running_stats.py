@@ -34,7 +34,8 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     Everything else is unchanged: gradients, eval-mode forwards, and the checkpoint policy (a
     recompute never updates, inside the block or out of it). Contexts nest, over the same model or
-    over parts of it. ``model`` must hold no torch BatchNorm, which ckbn cannot freeze: convert it
+    over parts of it. The layers themselves are marked, so the block covers every thread that runs
+    them (and DataParallel's replicas). ``model`` must hold no torch BatchNorm, which ckbn cannot freeze: convert it
     with :func:`ckbn.convert_model` first.
     """
     layers = []
