@@ -17,6 +17,7 @@ import math
 from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import checkpointing, running_stats
@@ -61,6 +62,30 @@ class LocalStatistics:
 LOCAL_STATISTICS = LocalStatistics()
 
 
+def _torch_allows_eps_zero_in_eval() -> bool:
+    """Which eps rule the installed torch's F.batch_norm applies, so that ckbn's errors are its own:
+    torch 2.10 and 2.11 want eps > 0 in every mode, later releases only in training."""
+    try:
+        F.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), training=False, eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+_EPS_ZERO_IN_EVAL = _torch_allows_eps_zero_in_eval()
+
+
+def _check_eps(eps: float, training: bool) -> None:
+    """torch.nn.functional.batch_norm's eps check, in its words."""
+    if not _EPS_ZERO_IN_EVAL:
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+    elif training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def _check_arguments(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -79,10 +104,7 @@ def _check_arguments(
         )
     if training:
         statistics.check_batch_size(input)
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_eps(eps, training)
     if not training:
         for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
             if buffer is None:
