@@ -54,13 +54,17 @@ void check_same_shape(const at::Tensor& other, const char* name, const at::Tenso
 
 // Each operator's argument contract (see the schemas in ops.cpp), checked by every backend before
 // it touches memory, so that bad input is the same RuntimeError whichever backend runs.
-void check_batch_stats_args(const at::Tensor& input);
+// eps must be non-negative (batch_stats and update_running_stats; the modules want it positive in
+// training, as torch does, and say so before calling an op).
+void check_eps(double eps, const char* op);
+
+void check_batch_stats_args(const at::Tensor& input, double eps);
 void check_normalize_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                           const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias);
 void check_update_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
                                      const at::Tensor& num_batches_tracked, const at::Tensor& mean,
-                                     const at::Tensor& invstd, int64_t count);
+                                     const at::Tensor& invstd, double eps, int64_t count);
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                          const at::Tensor& mean, const at::Tensor& invstd,
                          const c10::optional<at::Tensor>& weight);
@@ -70,6 +74,11 @@ void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& 
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
                                const at::Tensor& mean_dy_xmu);
+
+// The memory format of element-wise results (grad_input too), as the reference and the fake
+// kernels give them: channels_last and channels_last_3d input, an empty batch included, keep
+// theirs; anything else is contiguous.
+at::MemoryFormat output_format(const at::Tensor& input);
 
 // A dense view of `input` in one of the two layouts kernels handle, plus its geometry. Dense
 // channels_last input (C innermost) stays as it is; contiguous input is ChannelPlanes; anything

@@ -67,8 +67,15 @@ void check_stats(const at::Tensor& vec, const char* name, const at::Tensor& inpu
 
 }  // namespace
 
-void check_batch_stats_args(const at::Tensor& input) {
-  check_input(input, "ckbn::batch_stats");
+void check_eps(double eps, const char* op) {
+  // eps enters sqrt(var + eps): a negative (or NaN) one gives NaN statistics.
+  TORCH_CHECK(eps >= 0.0, op, ": expected eps to be non-negative, but got ", eps);
+}
+
+void check_batch_stats_args(const at::Tensor& input, double eps) {
+  constexpr const char* op = "ckbn::batch_stats";
+  check_input(input, op);
+  check_eps(eps, op);
 }
 
 void check_normalize_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
@@ -84,9 +91,10 @@ void check_normalize_args(const at::Tensor& input, const at::Tensor& mean, const
 
 void check_update_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
                                      const at::Tensor& num_batches_tracked, const at::Tensor& mean,
-                                     const at::Tensor& invstd, int64_t count) {
+                                     const at::Tensor& invstd, double eps, int64_t count) {
   constexpr const char* op = "ckbn::update_running_stats";
   TORCH_CHECK(count >= 2, op, ": expected count of at least 2, but got ", count);
+  check_eps(eps, op);
   const std::pair<const char*, const at::Tensor*> others[] = {
       {"running_mean", &running_mean},
       {"running_var", &running_var},
@@ -145,6 +153,18 @@ void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& 
   check_stats(mean_dy, "mean_dy", input, op);
   check_stats(mean_dy_xmu, "mean_dy_xmu", input, op);
   check_affine(weight, "weight", input, op);
+}
+
+at::MemoryFormat output_format(const at::Tensor& input) {
+  // An empty tensor is contiguous whatever its strides; they alone tell a channels_last one apart.
+  const bool not_plain_contiguous = input.numel() == 0 || !input.is_contiguous();
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast) && not_plain_contiguous) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d) && not_plain_contiguous) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
 }
 
 namespace {

@@ -5,7 +5,6 @@ CPU, to 1e-5, with num_batches_tracked exactly equal.
 """
 
 import copy
-import functools
 import gc
 
 import pytest
@@ -14,7 +13,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 import ckbn
 from ckbn import checkpointing
-from ckbn._backend import ops
+from helpers import counting
 
 STEPS = 3
 
@@ -128,19 +127,6 @@ class Capture(torch.nn.Module):
     def forward(self, x):
         self.seen.append(x.detach().clone())
         return x
-
-
-def counting(monkeypatch, name):
-    calls = []
-    op = getattr(ops, name)
-
-    @functools.wraps(op)
-    def wrapper(*args, **kwargs):
-        calls.append(name)
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(ops, name, wrapper)
-    return calls
 
 
 def test_ckbn_checkpoint_replays_bitwise_without_stats_pass(monkeypatch):

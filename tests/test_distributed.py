@@ -292,8 +292,16 @@ def errors(rank: int, world_size: int) -> None:
         else:
             raise AssertionError(f"expected {error.__name__}: {match}")
 
-    # Wrong dims: refused before any collective.
+    # Wrong dims, and torch's eps checks: refused before any collective and any state change.
     raises(ValueError, "expected at least 2D input", lambda: ckbn.SyncBatchNorm(3)(torch.randn(3)))
+    for eps, mode in ((0.0, True), (-1.0, False)):
+        bn = ckbn.SyncBatchNorm(3, eps=eps).train(mode)
+        try:
+            torch.nn.BatchNorm1d(3, eps=eps).train(mode)(torch.randn(4, 3))
+        except ValueError as exc:
+            torch_message = str(exc)  # its words for it in the installed torch
+        raises(ValueError, torch_message, lambda: bn(torch.randn(4, 3)))
+        assert bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_var, torch.ones(3))
     # Ranks that disagree on C, with C inside and beyond one gather frame: found after one collective.
     for channels in ([3, 4], [3, 2100]):
         bn = ckbn.SyncBatchNorm(channels[rank], affine=False, track_running_stats=False)

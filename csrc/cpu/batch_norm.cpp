@@ -42,19 +42,6 @@ std::pair<at::Tensor, Geometry> loop_view(const at::Tensor& input) {
   return {view, g};
 }
 
-// The memory format of element-wise results, as the reference and the fake kernels give it:
-// channels_last and channels_last_3d input keep theirs, anything else gives contiguous output.
-at::MemoryFormat output_format(const at::Tensor& input) {
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous()) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d) &&
-      !input.is_contiguous()) {
-    return at::MemoryFormat::ChannelsLast3d;
-  }
-  return at::MemoryFormat::Contiguous;
-}
-
 // Whether a and b (same shape) put every element at the same offset.
 bool same_offsets(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0) {
@@ -88,7 +75,7 @@ at::Tensor channel_tensor(const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double eps) {
-  check_batch_stats_args(input);
+  check_batch_stats_args(input, eps);
   const auto [x, g] = loop_view(input);
   at::Tensor mean = channel_tensor(input);
   at::Tensor invstd = channel_tensor(input);
@@ -111,7 +98,7 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           int64_t count) {
   constexpr const char* op = "ckbn::update_running_stats";
   check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd,
-                                  count);
+                                  eps, count);
   TORCH_CHECK(mean.device().is_cpu(), op, ": expected mean on the CPU, but got ", mean.device());
 
   int64_t& batches = *num_batches_tracked.mutable_data_ptr<int64_t>();

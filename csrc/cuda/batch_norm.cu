@@ -944,18 +944,10 @@ ChannelOutput<scalar_t, acc_t> channel_output(const at::Tensor& t, bool wanted) 
   return out;
 }
 
-// The memory format ckbn gives element-wise outputs (see reference._memory_format): channels_last
-// input keeps it, everything else is contiguous. Kernels write in the kernel view's layout, which
-// differs only for C-innermost input of other ranks.
+// `out` in output_format(input). Kernels write in the kernel view's layout, which differs only for
+// C-innermost input of other ranks.
 at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
-  auto format = at::MemoryFormat::Contiguous;
-  if (!input.is_contiguous()) {
-    if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      format = at::MemoryFormat::ChannelsLast;
-    } else if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-      format = at::MemoryFormat::ChannelsLast3d;
-    }
-  }
+  const auto format = output_format(input);
   return out.is_contiguous(format) ? out : out.contiguous(format);
 }
 
@@ -964,7 +956,7 @@ at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
 
 std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, double eps) {
   constexpr const char* op = "ckbn::batch_stats";
-  check_batch_stats_args(input);
+  check_batch_stats_args(input, eps);
   const KernelInput kin(input, op);
   const at::Tensor& view = kin.view;
   const Geometry& g = kin.geometry;
@@ -1040,7 +1032,7 @@ void update_running_stats_cuda(const at::Tensor& running_mean, const at::Tensor&
                                int64_t count) {
   constexpr const char* op = "ckbn::update_running_stats";
   check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd,
-                                  count);
+                                  eps, count);
   TORCH_CHECK(mean.is_cuda(), op, ": expected mean on a CUDA device, but got ", mean.device());
   const c10::cuda::CUDAGuard guard(mean.device());
   const at::Tensor mean_c = mean.contiguous();

@@ -3,17 +3,30 @@
     import ckbn
     model = ckbn.convert_model(model)            # or build with ckbn.BatchNorm2d directly
     y = ckbn.checkpoint(block, x)                # recompute replays BatchNorm statistics
+    y = ckbn.functional.batch_norm(x, running_mean, running_var, training=True)
+    with ckbn.frozen_running_stats(model):       # e.g. SAM's second forward: counts nothing
+        loss = criterion(model(x), target)
     model = ckbn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP: statistics over every rank
 
 See README.md for the backends and environment variables.
 """
 
+from . import functional
 from ._backend import ACTIVE as _ACTIVE
 from ._backend import cuda_compiled
 from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
 from .distributed import SyncBatchNorm
 from .function import BatchNormFunction
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    convert_model,
+)
+from .running_stats import frozen_running_stats
 
 __version__ = "0.1.0"
 
@@ -28,11 +41,16 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "backend",
     "checkpoint",
     "checkpoint_sequential",
     "convert_model",
     "cuda_compiled",
+    "frozen_running_stats",
+    "functional",
     "update_running_stats_in_backward",
 ]

@@ -84,20 +84,33 @@ def _register_fakes() -> None:
     def _like_input(input: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(input, memory_format=reference._memory_format(input))
 
+    # Each fake checks eps and devices as the kernels do: a meta-device argument beside a CPU or
+    # CUDA input sends the call here, and an unchecked fake would return an uninitialised result.
     @torch.library.register_fake("ckbn::batch_stats")
     def _(input, eps):
+        reference.check_eps("ckbn::batch_stats", eps)
         return _stats_like(input), _stats_like(input)
 
     @torch.library.register_fake("ckbn::normalize")
     def _(input, mean, invstd, weight, bias):
+        reference.check_devices("ckbn::normalize", input, mean=mean, invstd=invstd, weight=weight, bias=bias)
         return _like_input(input)
 
     @torch.library.register_fake("ckbn::update_running_stats")
     def _(running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count):
+        op = "ckbn::update_running_stats"
+        reference.check_eps(op, eps)
+        reference.check_devices(
+            op, mean, "mean", running_mean=running_mean, running_var=running_var,
+            num_batches_tracked=num_batches_tracked, invstd=invstd,
+        )
         return None
 
     @torch.library.register_fake("ckbn::backward")
     def _(grad_output, input, mean, invstd, weight, train, output_mask):
+        reference.check_devices(
+            "ckbn::backward", input, grad_output=grad_output, mean=mean, invstd=invstd, weight=weight
+        )
         param_dtype = weight.dtype if weight is not None else mean.dtype
         grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
         grad_weight = mean.new_empty((input.size(1),) if output_mask[1] else (0,), dtype=param_dtype)
@@ -106,10 +119,15 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("ckbn::backward_reduce")
     def _(grad_output, input, mean):
+        reference.check_devices("ckbn::backward_reduce", input, grad_output=grad_output, mean=mean)
         return _stats_like(input), _stats_like(input)
 
     @torch.library.register_fake("ckbn::backward_elemt")
     def _(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
+        reference.check_devices(
+            "ckbn::backward_elemt", input, grad_output=grad_output, mean=mean, invstd=invstd, weight=weight,
+            mean_dy=mean_dy, mean_dy_xmu=mean_dy_xmu,
+        )
         return _like_input(input)
 
 

@@ -1,22 +1,26 @@
-"""Drop-in replacements for torch.nn.BatchNorm1d/2d/3d.
+"""Drop-in replacements for torch.nn.BatchNorm1d/2d/3d and LazyBatchNorm1d/2d/3d, and the policy
+they share with :func:`ckbn.functional.batch_norm`.
 
 Each ckbn module subclasses its torch counterpart, so constructor, parameters, buffers, state_dict
 keys, ``isinstance`` checks and ``extra_repr`` are torch's own. Only ``forward`` differs:
 
 * the running statistics are updated once per training forward: never by a checkpoint's recompute,
-  and never by a call that raises (the update is the last thing a forward does);
+  never under :func:`ckbn.frozen_running_stats`, and never by a call that raises (arguments are
+  checked first, and the update is the last thing a forward does);
 * under :func:`ckbn.checkpoint` the recompute replays the recorded batch statistics;
 * the arithmetic runs in the ckbn operators (compiled kernels or the reference).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import checkpointing
+from . import checkpointing, running_stats
 from ._backend import ops
 from .function import BatchNormFunction
 from .reference import stats_dtype
@@ -24,29 +28,15 @@ from .reference import stats_dtype
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def _validate(module: torch.nn.modules.batchnorm._BatchNorm, input: Tensor) -> None:
-    """Torch's checks, done before anything runs so that a failing call changes no state."""
-    module._check_input_dim(input)  # torch's ValueError: "expected 4D input (got 3D input)"
-    if input.dtype not in _FLOAT_DTYPES:
-        raise RuntimeError(
-            f"{type(module).__name__}: expected a floating-point input (float64, float32, float16 or "
-            f"bfloat16), but got {input.dtype}"
-        )
-    for name in ("running_mean", "weight"):
-        vec = getattr(module, name)
-        if vec is not None and vec.numel() != input.size(1):
-            raise RuntimeError(f"{name} should contain {input.size(1)} elements not {vec.numel()}")
-
-
 class LocalStatistics:
     """Where a training forward's batch statistics come from: this process's batch alone.
 
-    The strategy :func:`batch_norm_forward` consults; SyncBatchNorm's (``ckbn.distributed``) merges
-    the statistics of every process instead.
+    The strategy :func:`batch_norm` consults; SyncBatchNorm's (``ckbn.distributed``) merges the
+    statistics of every process instead.
     """
 
     def check_batch_size(self, input: Tensor) -> None:
-        if input.numel() == input.size(1):
+        if input.size(0) * math.prod(input.shape[2:]) == 1:
             # torch's own wording (torch.nn.functional._verify_batch_size).
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
@@ -72,6 +62,134 @@ class LocalStatistics:
 LOCAL_STATISTICS = LocalStatistics()
 
 
+def _torch_allows_eps_zero_in_eval() -> bool:
+    """Which eps rule the installed torch's F.batch_norm applies, so that ckbn's errors are its own:
+    torch 2.10 and 2.11 want eps > 0 in every mode, later releases only in training."""
+    try:
+        F.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), training=False, eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+_EPS_ZERO_IN_EVAL = _torch_allows_eps_zero_in_eval()
+
+
+def _check_eps(eps: float, training: bool) -> None:
+    """torch.nn.functional.batch_norm's eps check, in its words."""
+    if not _EPS_ZERO_IN_EVAL:
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+    elif training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _check_arguments(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    eps: float,
+    statistics: LocalStatistics,
+) -> None:
+    """torch.nn.functional.batch_norm's checks, in its order and words, done before anything runs so
+    that a failing call changes no state."""
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"batch_norm: expected input with at least 2 dimensions (N, C, *), but got {input.dim()}D input"
+        )
+    if training:
+        statistics.check_batch_size(input)
+    _check_eps(eps, training)
+    if not training:
+        for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+            if buffer is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    channels = input.size(1)
+    for name, vec in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if vec is None:
+            continue
+        if vec.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {vec.numel()}")
+        if vec.dim() != 1:
+            raise RuntimeError(f"{name} should be a 1-D tensor of {channels} elements, but got shape {list(vec.shape)}")
+        if vec.device != input.device:
+            raise RuntimeError(f"Tensor on device {vec.device} is not on the expected device {input.device}!")
+    if input.dtype not in _FLOAT_DTYPES:
+        # torch's exception type; its message names the dtype as "Long", ckbn's as torch.int64.
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for {input.dtype}: expected a floating-point input (float64, float32, '
+            "float16 or bfloat16)"
+        )
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
+    frozen: bool = False,
+    statistics: LocalStatistics = LOCAL_STATISTICS,
+    activation: str = "identity",
+    activation_param: float = 0.0,
+) -> Tensor:
+    """torch.nn.functional.batch_norm's semantics with ckbn's running-statistics policy.
+
+    The policy every ckbn module and :func:`ckbn.functional.batch_norm` share: with ``training``,
+    the batch statistics (from ``statistics``, or replayed by :func:`ckbn.checkpoint`) normalize,
+    and the running buffers, when given, are updated once per forward: never by a checkpoint's
+    recompute, never while ``frozen``, never by an empty batch, and never by a call that raises (the
+    update is the last thing it does). ``momentum=None`` is the cumulative average, counted in
+    ``num_batches_tracked``. ``activation`` (a name from :mod:`ckbn.activations`) is applied in the
+    same kernel.
+    """
+    _check_arguments(input, running_mean, running_var, weight, bias, training, eps, statistics)
+    if not training:
+        acc = stats_dtype(input.dtype)
+        mean = running_mean.to(acc)
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        return BatchNormFunction.apply(input, weight, bias, mean, invstd, False, eps, activation, activation_param)
+
+    # Statistics are inputs of the Function, not part of its graph: its backward differentiates
+    # through them analytically, so they are computed on a detached view.
+    detached = input.detach()
+    count = 0  # per channel, over the whole batch; known only when the statistics are computed
+
+    def compute() -> checkpointing.Stats:
+        nonlocal count
+        mean, invstd, count = statistics.compute(detached, eps)
+        return mean, invstd
+
+    if torch.compiler.is_compiling():
+        # The compiler traces the forward once and decides recomputation itself; it never reruns
+        # the running-statistics update, so no recompute detection is needed (or traceable).
+        (mean, invstd), replayed, recompute = compute(), False, False
+    else:
+        (mean, invstd), replayed = checkpointing.resolve_batch_stats(compute, input.size(1), input.device)
+        recompute = replayed or checkpointing.in_backward_pass()
+
+    output = statistics.normalize(input, weight, bias, mean, invstd, eps, activation, activation_param)
+
+    if running_mean is not None and not frozen and not recompute and count > 0:
+        if num_batches_tracked is None:  # the functional form keeps no count; momentum is then a float
+            num_batches_tracked = torch.zeros((), dtype=torch.long, device=mean.device)
+        ops.update_running_stats(
+            running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count
+        )
+    return output
+
+
 def batch_norm_forward(
     module: torch.nn.modules.batchnorm._BatchNorm,
     input: Tensor,
@@ -83,52 +201,29 @@ def batch_norm_forward(
 
     ``activation`` (a name from :mod:`ckbn.activations`) is applied in the same kernel.
     """
-    _validate(module, input)
-    if module.training:
-        statistics.check_batch_size(input)
-    use_batch_stats = module.training or module.running_mean is None
-    if not use_batch_stats:
-        acc = stats_dtype(input.dtype)
-        mean = module.running_mean.to(acc)
-        invstd = torch.rsqrt(module.running_var.to(acc) + module.eps)
-        return BatchNormFunction.apply(
-            input, module.weight, module.bias, mean, invstd, False, module.eps, activation, activation_param
-        )
-
-    # Statistics are inputs of the Function, not part of its graph: its backward differentiates
-    # through them analytically, so they are computed on a detached view.
-    detached = input.detach()
-    count = 0  # per channel, over the whole batch; known only when the statistics are computed
-
-    def compute() -> checkpointing.Stats:
-        nonlocal count
-        mean, invstd, count = statistics.compute(detached, module.eps)
-        return mean, invstd
-
-    if torch.compiler.is_compiling():
-        # The compiler traces the forward once and decides recomputation itself; it never reruns
-        # the running-statistics update, so no recompute detection is needed (or traceable).
-        (mean, invstd), replayed, recompute = compute(), False, False
-    else:
-        (mean, invstd), replayed = checkpointing.resolve_batch_stats(compute, input.size(1), input.device)
-        recompute = replayed or checkpointing.in_backward_pass()
-
-    output = statistics.normalize(
-        input, module.weight, module.bias, mean, invstd, module.eps, activation, activation_param
+    module._check_input_dim(input)  # torch's ValueError: "expected 4D input (got 3D input)"
+    # As torch's _BatchNorm.forward: batch statistics in training mode, and in eval mode without
+    # running statistics; the buffers are updated in training mode only if they are tracked.
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    buffers_in_use = not module.training or module.track_running_stats
+    momentum = module.momentum
+    if momentum is None and module.num_batches_tracked is None:
+        momentum = 0.0  # as torch: without a counter the cumulative average leaves the buffers alone
+    return batch_norm(
+        input,
+        module.running_mean if buffers_in_use else None,
+        module.running_var if buffers_in_use else None,
+        module.weight,
+        module.bias,
+        use_batch_stats,
+        momentum,
+        module.eps,
+        num_batches_tracked=module.num_batches_tracked,
+        frozen=running_stats.is_frozen(module),
+        statistics=statistics,
+        activation=activation,
+        activation_param=activation_param,
     )
-
-    if module.training and module.track_running_stats and not recompute and count > 0:
-        ops.update_running_stats(
-            module.running_mean,
-            module.running_var,
-            module.num_batches_tracked,
-            mean,
-            invstd,
-            module.momentum,
-            module.eps,
-            count,
-        )
-    return output
 
 
 class BatchNorm1d(torch.nn.BatchNorm1d):
@@ -152,19 +247,51 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
         return batch_norm_forward(self, input)
 
 
+class LazyBatchNorm1d(torch.nn.LazyBatchNorm1d):
+    """:class:`torch.nn.LazyBatchNorm1d` that becomes a :class:`ckbn.BatchNorm1d` on its first forward."""
+
+    cls_to_become = BatchNorm1d
+
+    def forward(self, input: Tensor) -> Tensor:  # the first forward runs before the class changes
+        return batch_norm_forward(self, input)
+
+
+class LazyBatchNorm2d(torch.nn.LazyBatchNorm2d):
+    """:class:`torch.nn.LazyBatchNorm2d` that becomes a :class:`ckbn.BatchNorm2d` on its first forward."""
+
+    cls_to_become = BatchNorm2d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return batch_norm_forward(self, input)
+
+
+class LazyBatchNorm3d(torch.nn.LazyBatchNorm3d):
+    """:class:`torch.nn.LazyBatchNorm3d` that becomes a :class:`ckbn.BatchNorm3d` on its first forward."""
+
+    cls_to_become = BatchNorm3d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return batch_norm_forward(self, input)
+
+
+# A materialised torch lazy module has become torch.nn.BatchNorm*d and converts as one.
 _CONVERSIONS: Dict[Type[torch.nn.Module], Type[torch.nn.Module]] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    torch.nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    torch.nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
 
 
 def _transplant(source: torch.nn.modules.batchnorm._BatchNorm, target_cls: Type, **kwargs) -> torch.nn.Module:
     """A ``target_cls`` sharing ``source``'s parameters and buffers (the same tensors, so an
-    optimizer built on the old model keeps working) and its training flag. ``kwargs`` go to the
-    ``target_cls`` constructor."""
+    optimizer built on the old model keeps working; for a lazy module, the same uninitialised ones,
+    materialised in place) and its training flag. ``kwargs`` go to the ``target_cls`` constructor."""
+    lazy = issubclass(target_cls, torch.nn.modules.lazy.LazyModuleMixin)
     target = target_cls(
-        source.num_features,
+        *(() if lazy else (source.num_features,)),
         eps=source.eps,
         momentum=source.momentum,
         affine=source.affine,
@@ -173,10 +300,12 @@ def _transplant(source: torch.nn.modules.batchnorm._BatchNorm, target_cls: Type,
         **kwargs,
     )
     with torch.no_grad():
-        for name, param in source.named_parameters(recurse=False):
-            setattr(target, name, param)  # the same Parameter: requires_grad comes along
-        for name, buf in source.named_buffers(recurse=False):
-            target.register_buffer(name, buf, persistent=name not in source._non_persistent_buffers_set)
+        # Every slot of either module, in source's order: a slot source lacks (bias=False) is None.
+        for name in dict.fromkeys([*source._parameters, *target._parameters]):
+            target.register_parameter(name, source._parameters.get(name))  # requires_grad comes along
+        for name in dict.fromkeys([*source._buffers, *target._buffers]):
+            persistent = name not in source._non_persistent_buffers_set
+            target.register_buffer(name, source._buffers.get(name), persistent=persistent)
     target.train(source.training)
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
@@ -197,7 +326,8 @@ def _replace_modules(module: torch.nn.Module, replacement: Callable[[torch.nn.Mo
 
 
 def convert_model(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every torch BatchNorm1d/2d/3d in ``module`` with its ckbn equivalent, recursively.
+    """Replace every torch BatchNorm1d/2d/3d and LazyBatchNorm1d/2d/3d (materialised or not) in
+    ``module`` with its ckbn equivalent, recursively.
 
     Parameters and buffers are shared, not copied, and ``requires_grad`` and the training flag are
     kept. Returns the converted module (a new object when ``module`` itself is a BatchNorm), like

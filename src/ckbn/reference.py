@@ -35,11 +35,27 @@ def _check_input(input: Tensor, op: str) -> None:
         raise RuntimeError(f"{op}: expected input with at least one channel, but got shape {tuple(input.shape)}")
 
 
+def check_devices(op: str, input: Tensor, anchor: str = "input", **tensors: Optional[Tensor]) -> None:
+    """Every tensor given (None: absent) on the device of ``input``, called ``anchor`` in the message.
+
+    The fake kernels check this too: a meta-device argument sends a call to them, whatever the
+    input's device.
+    """
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != input.device:
+            raise RuntimeError(
+                f"{op}: expected {name} to be on the same device as {anchor} ({input.device}), but got {tensor.device}"
+            )
+
+
+def check_eps(op: str, eps: float) -> None:
+    """eps enters sqrt(var + eps): a negative (or NaN) one gives NaN statistics."""
+    if not eps >= 0.0:
+        raise RuntimeError(f"{op}: expected eps to be non-negative, but got {eps}")
+
+
 def _check_vector(vec: Tensor, name: str, input: Tensor, dtypes: Sequence[torch.dtype], op: str) -> None:
-    if vec.device != input.device:
-        raise RuntimeError(
-            f"{op}: expected {name} to be on the same device as input ({input.device}), but got {vec.device}"
-        )
+    check_devices(op, input, **{name: vec})
     if vec.dim() != 1 or vec.numel() != input.size(1):
         raise RuntimeError(f"{op}: {name} should contain {input.size(1)} elements not {vec.numel()}")
     if vec.dtype not in dtypes:
@@ -61,11 +77,7 @@ def _check_affine(input: Tensor, op: str, **params: Optional[Tensor]) -> None:
 
 
 def _check_grad_output(grad_output: Tensor, input: Tensor, op: str) -> None:
-    if grad_output.device != input.device:
-        raise RuntimeError(
-            f"{op}: expected grad_output to be on the same device as input ({input.device}), "
-            f"but got {grad_output.device}"
-        )
+    check_devices(op, input, grad_output=grad_output)
     if grad_output.shape != input.shape:
         raise RuntimeError(
             f"{op}: expected grad_output of shape {list(input.shape)}, but got {list(grad_output.shape)}"
@@ -91,18 +103,22 @@ def _per_channel(vec: Optional[Tensor], input: Tensor, default: float) -> Tensor
 
 
 def _memory_format(input: Tensor) -> torch.memory_format:
-    """The memory format the kernels give their outputs: channels_last stays channels_last."""
+    """The memory format the kernels give their outputs: channels_last stays channels_last.
+
+    Every empty tensor is contiguous; only its strides tell a channels_last empty batch apart.
+    """
     if torch._C._functorch.is_batchedtensor(input):
         return torch.contiguous_format  # vmap cannot query another format (and lays samples out itself)
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        return torch.channels_last
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous():
-        return torch.channels_last_3d
+    for dim, channels_last in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if input.dim() == dim and input.is_contiguous(memory_format=channels_last):
+            if input.numel() == 0 or not input.is_contiguous():
+                return channels_last
     return torch.contiguous_format
 
 
 def batch_stats(input: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     _check_input(input, "ckbn::batch_stats")
+    check_eps("ckbn::batch_stats", eps)
     x = input.to(stats_dtype(input.dtype))
     if input.numel() == 0:
         zeros = x.new_zeros(input.size(1))
@@ -136,6 +152,11 @@ def update_running_stats(
     op = "ckbn::update_running_stats"
     if count < 2:
         raise RuntimeError(f"{op}: expected count of at least 2, but got {count}")
+    check_eps(op, eps)
+    check_devices(
+        op, mean, "mean", running_mean=running_mean, running_var=running_var,
+        num_batches_tracked=num_batches_tracked, invstd=invstd,
+    )
     if running_mean.shape != mean.shape or running_var.shape != mean.shape or invstd.shape != mean.shape:
         raise RuntimeError(
             f"{op}: running_mean, running_var, mean and invstd should all have shape {list(mean.shape)}"
