@@ -40,12 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   at::Tensor grad_input = need_input ? at::empty_like(view) : input.new_empty({0});
   at::Tensor grad_weight = at::empty({need_weight ? g.channels : 0}, param_options);
   at::Tensor grad_bias = at::empty({need_bias ? g.channels : 0}, param_options);
-  const bool needs_reduction = train || need_weight || need_bias;
+  // grad_input needs the batch sums only in training; grad_weight and grad_bias are sums.
+  const bool needs_reduction = (train && need_input) || need_weight || need_bias;
 
   if (view.numel() == 0) {
     grad_weight.zero_();
     grad_bias.zero_();
-  } else {
+  } else if (needs_reduction || need_input) {  // else grad_input is empty: nothing to launch
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward", [&] {
       using acc_t = acc_type<scalar_t>;
       BackwardElementwise<scalar_t, acc_t> element{view.const_data_ptr<scalar_t>(),

@@ -120,7 +120,7 @@ def run_case(label, shape, layout, dtype, gen, failures):
                 ref.normalize(x, mean, invstd, weight, bias), out_tol, failures)
         for train, mask in ((True, [True, True, True]), (True, [True, False, False]),
                             (False, [True, True, True]), (False, [True, False, False]),
-                            (False, [False, True, True])):
+                            (False, [False, True, True]), (True, [False] * 3), (False, [False] * 3)):
             got = ops.backward(dy, x, mean, invstd, weight, train, mask)
             want = ref.backward(dy, x, mean, invstd, weight, train, mask)
             # grad_weight and grad_bias are sums over the batch: compare relative to their size.
