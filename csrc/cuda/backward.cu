@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                                                    channel_param<scalar_t, acc_t>(weight_c, 1.0),
                                                    nullptr,
                                                    nullptr,
-                                                   static_cast<acc_t>(g.per_channel()),
+                                                   acc_t(1) / static_cast<acc_t>(g.per_channel()),
                                                    train};
       if (!needs_reduction) {
         run_grad_input(element, grad_input, g, view);

@@ -140,8 +140,9 @@ struct NormalizeElementwise {
 };
 
 // grad_input. In training mode it needs per-channel sum(dy) and sum(dy * (x - mean)) over the
-// batch; `divisor` turns the stored terms into the means math.h expects (the element count when
-// they are sums, 1 when the caller already passes means).
+// batch; `inv_count` turns the stored terms into the means math.h expects (1 / the element count
+// when they are sums, 1 when the caller already passes means): a product, where a division would
+// call a subroutine in every block.
 template <typename scalar_t, typename acc_t_>
 struct BackwardElementwise {
   using scalar_type = scalar_t;
@@ -157,12 +158,12 @@ struct BackwardElementwise {
   ChannelParam<scalar_t, acc_t> weight;
   const acc_t* dy_term;      // per channel; unused unless train
   const acc_t* dy_xmu_term;  // per channel; unused unless train
-  acc_t divisor;
+  acc_t inv_count;
   bool train;
 
   __device__ __forceinline__ Coeffs coeffs_from(int64_t c, acc_t sum_dy, acc_t sum_dy_xmu) const {
-    return math::backward_coeffs(mean[c], invstd[c], weight[c], sum_dy / divisor,
-                                 sum_dy_xmu / divisor, train);
+    return math::backward_coeffs(mean[c], invstd[c], weight[c], sum_dy * inv_count,
+                                 sum_dy_xmu * inv_count, train);
   }
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
     return train ? coeffs_from(c, dy_term[c], dy_xmu_term[c]) : coeffs_from(c, acc_t(0), acc_t(0));
@@ -336,12 +337,43 @@ struct Tile {
   int valid;
 };
 
+// The units a block takes, blockIdx.x, blockIdx.x + gridDim.x, ..., as (tile, split): stepped
+// with one division at the start rather than a 64-bit division (a subroutine call) per unit.
+struct UnitWalk {
+  int64_t unit;
+  int64_t tile;
+  int64_t split;
+  int64_t step_tile;
+  int64_t step_split;
+
+  // tiles < 2^31 (checked on the host), so 32-bit divisions do.
+  __device__ __forceinline__ explicit UnitWalk(int64_t tiles)
+      : unit(blockIdx.x),
+        tile(blockIdx.x % static_cast<unsigned>(tiles)),
+        split(blockIdx.x / static_cast<unsigned>(tiles)),
+        step_tile(gridDim.x % static_cast<unsigned>(tiles)),
+        step_split(gridDim.x / static_cast<unsigned>(tiles)) {}
+  __device__ __forceinline__ void next(int64_t tiles) {
+    unit += gridDim.x;
+    tile += step_tile;
+    split += step_split;
+    if (tile >= tiles) {
+      tile -= tiles;
+      ++split;
+    }
+  }
+};
+
 // Calls f(tile) for each tile this thread owns in split `split` of channel c: ROWS planes x VEC
 // elements.
 template <int VEC, int ROWS, typename F>
-__device__ __forceinline__ void visit_planes(const PlaneTiling& t, int64_t c, int64_t split, F&& f) {
-  const int64_t batch_block = split / t.spatial_splits;
-  const int64_t spatial_block = split % t.spatial_splits;
+__device__ __forceinline__ void visit_planes(const PlaneTiling& t, int64_t c, int64_t split,
+                                             F&& f) {
+  // Splits number at most plan::kMaxSplits: 32-bit divisions do.
+  const auto split32 = static_cast<unsigned>(split);
+  const auto spatial_splits32 = static_cast<unsigned>(t.spatial_splits);
+  const int64_t batch_block = split32 / spatial_splits32;
+  const int64_t spatial_block = split32 % spatial_splits32;
   const int64_t n_end = min_of(t.batch, (batch_block + 1) * t.batch_chunk);
   const int64_t s_begin = spatial_block * t.spatial_chunk;
   const int64_t s_end = min_of(t.spatial, s_begin + t.spatial_chunk);
@@ -493,9 +525,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const bool split_channels = t.units > t.channels;
   const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
   // Every thread of the block runs the same units, so the barriers inside block_reduce are met.
-  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
-    const int64_t c = unit % t.channels;
-    const int64_t split = unit / t.channels;
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+    const int64_t c = u.tile;
+    const int64_t split = u.split;
     const typename Red::Channel channel = red.channel(c);
     State state = Red::identity();
     visit_planes<VEC, ROWS>(t, c, split, [&](const Tile& tile) {
@@ -547,9 +579,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const bool split_channels = t.units > t.tiles;
   // Every thread of the block runs the same units, inactive ones (channels past C) included, so
   // the barriers inside column_reduce are met.
-  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
-    const int64_t split = unit / t.tiles;
-    const int64_t c0 = ((unit % t.tiles) * blockDim.x + threadIdx.x) * VEC;
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
+    const int64_t split = u.split;
+    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
     const bool active = c0 < t.channels;  // C % VEC == 0: a thread has all VEC channels or none
     typename Red::Channel channel[VEC];
     State state[VEC];
@@ -650,10 +682,9 @@ template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_planes_kernel(const Op op, const PlaneTiling t) {
   constexpr int ROWS = kRowsPerTile<Op, VEC>;
-  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
-    const int64_t c = unit % t.channels;
-    const auto coeffs = op.coeffs(c);
-    visit_planes<VEC, ROWS>(t, c, unit / t.channels, [&](const Tile& tile) {
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+    const auto coeffs = op.coeffs(u.tile);
+    visit_planes<VEC, ROWS>(t, u.tile, u.split, [&](const Tile& tile) {
       transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
     });
   }
@@ -664,8 +695,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_rows_kernel(const Op op, const RowTiling t) {
   constexpr int ROWS = kRowsPerTile<Op, VEC>;
   // No barriers here, so threads past the last channel may skip units.
-  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
-    const int64_t c0 = ((unit % t.tiles) * blockDim.x + threadIdx.x) * VEC;
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
+    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
     if (c0 >= t.channels) {
       continue;
     }
@@ -674,7 +705,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     for (int v = 0; v < VEC; ++v) {
       coeffs[v] = op.coeffs(c0 + v);
     }
-    visit_rows<VEC, ROWS>(t, c0, unit / t.tiles, [&](const Tile& tile) {
+    visit_rows<VEC, ROWS>(t, c0, u.split, [&](const Tile& tile) {
       transform_tile<VEC, ROWS>(op, tile, [&](int v) { return coeffs[v]; });
     });
   }
@@ -699,7 +730,8 @@ inline DeviceInfo device_info(int device) {
                   cached ? l2[device].load(std::memory_order_relaxed) : 0};
   if (info.multiprocessors == 0) {
     int l2_bytes = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
     info.l2_bytes = l2_bytes;
     if (cached) {
@@ -802,7 +834,9 @@ plan::Plan plan_reduction(const Geometry& g, std::initializer_list<const void*> 
   with_layout_width<plan::Kind::Reduce, typename Red::scalar_type>(
       shape.channels_last, vec,
       [&](auto w) { limits = device_limits<reduce_rows_kernel<Red, decltype(w)::value>>(device); },
-      [&](auto w) { limits = device_limits<reduce_planes_kernel<Red, decltype(w)::value>>(device); });
+      [&](auto w) {
+        limits = device_limits<reduce_planes_kernel<Red, decltype(w)::value>>(device);
+      });
   return plan::plan_launch(plan::Kind::Reduce, shape, vec, limits, max_splits);
 }
 
@@ -815,7 +849,9 @@ plan::Plan plan_elementwise(const Geometry& g, std::initializer_list<const void*
   plan::DeviceLimits limits{};
   with_layout_width<plan::Kind::Elementwise, typename Op::scalar_type>(
       shape.channels_last, vec,
-      [&](auto w) { limits = device_limits<elementwise_rows_kernel<Op, decltype(w)::value>>(device); },
+      [&](auto w) {
+        limits = device_limits<elementwise_rows_kernel<Op, decltype(w)::value>>(device);
+      },
       [&](auto w) {
         limits = device_limits<elementwise_planes_kernel<Op, decltype(w)::value>>(device);
       });
