@@ -56,11 +56,16 @@ struct BlockSync {
 inline thread_local BlockSync* current = nullptr;
 inline thread_local int linear_tid = 0;
 
-// Multiprocessors the emulated device reports (it sets how far channels are split).
-inline int multiprocessors() {
-  const char* env = std::getenv("CKBN_EMULATED_SMS");
-  return env != nullptr ? std::atoi(env) : 4;
+// What the emulated device reports, which sets the launch plans: multiprocessors, resident blocks
+// of every kernel per multiprocessor, and L2 bytes (small, so that both the fused and the
+// two-kernel backward run).
+inline int device_property(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::atoi(env) : fallback;
 }
+inline int multiprocessors() { return device_property("CKBN_EMULATED_SMS", 4); }
+inline int blocks_per_multiprocessor() { return device_property("CKBN_EMULATED_BLOCKS_PER_SM", 2); }
+inline int l2_bytes() { return device_property("CKBN_EMULATED_L2_BYTES", 256 << 10); }
 
 // Runs kernel(args...) over the grid. One std::thread per CUDA thread of a block, created once per
 // launch; each block gets fresh barriers, since threads that exit early drop out of them.
@@ -132,9 +137,14 @@ T __shfl_down_sync(unsigned /*mask*/, T value, int delta) {
 using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = emu::multiprocessors();
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize };
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrL2CacheSize ? emu::l2_bytes() : emu::multiprocessors();
+  return cudaSuccess;
+}
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, std::size_t) {
+  *blocks = emu::blocks_per_multiprocessor();
   return cudaSuccess;
 }
 #define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "emulated CUDA call failed")

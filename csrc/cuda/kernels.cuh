@@ -1,0 +1,993 @@
+// What the CUDA translation units of ckbn share: the element-wise operations and reductions, the
+// kernels that run them, their launch from a plan (launch_plan.h), and operator argument handling.
+//
+// Kernels see input in one of the two layouts of ckbn.h:
+//   ChannelPlanes [N][C][S]: a channel is a tile; its blocks walk planes, and S is contiguous, so
+//     a warp reads along a plane.
+//   ChannelsLast [rows][C]: a tile is a run of adjacent channels; its blocks walk rows, and a warp
+//     reads adjacent channels of a row, which are contiguous.
+// A launch is a list of units, each a tile or one split of a tile (when whole tiles would leave
+// the GPU idle), taken by the blocks in a grid-stride loop. Split reductions leave partial results
+// in a staging buffer that `finalize_kernel` merges.
+//
+// Two kinds of kernel cover the six operators:
+//   reduce_*: per-channel reductions (Welford moments for batch_stats; sum(dy) and
+//     sum(dy * (x - mean)) for the backward), optionally followed, when a unit holds a whole
+//     channel, by the element-wise grad_input pass (fused backward);
+//   elementwise_*: normalize and grad_input.
+// Every formula comes from math.h; these files decide only which thread visits which element.
+//
+// Templates here are instantiated by the operator files, one op family per translation unit so
+// that they compile in parallel: stats.cu (batch_stats), normalize.cu, backward.cu (the three
+// backward operators, whose kernels are instantiated in grad_reduction.cu and
+// grad_elementwise.cu), running_stats.cu (update_running_stats).
+#pragma once
+
+#include "ckbn.h"
+#include "launch_plan.h"
+#include "math.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+#include <tuple>
+#include <type_traits>
+
+namespace ckbn {
+namespace gpu {
+
+using plan::kThreads;
+// Register budget: two blocks per multiprocessor (64 registers a thread).
+constexpr int kMinBlocksPerSM = 2;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+using plan::min_of;
+
+// ---------------------------------------------------------------------------------------------
+// Loads and stores of VEC adjacent elements, converted to and from the accumulation type.
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_pack(const scalar_t* data, int64_t offset, acc_t* out) {
+  const Pack<scalar_t, VEC> pack = *reinterpret_cast<const Pack<scalar_t, VEC>*>(data + offset);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    out[i] = static_cast<acc_t>(pack.v[i]);
+  }
+}
+
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_pack(scalar_t* data, int64_t offset, const acc_t* in) {
+  Pack<scalar_t, VEC> pack;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    pack.v[i] = static_cast<scalar_t>(in[i]);
+  }
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(data + offset) = pack;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel parameters.
+
+// An optional per-channel vector in the input dtype or the statistics dtype (AMP keeps fp32
+// parameters beside half input); `absent` stands in when there is none.
+template <typename scalar_t, typename acc_t>
+struct ChannelParam {
+  const scalar_t* narrow;
+  const acc_t* wide;
+  acc_t absent;
+
+  __device__ __forceinline__ acc_t operator[](int64_t c) const {
+    return wide != nullptr ? wide[c] : narrow != nullptr ? static_cast<acc_t>(narrow[c]) : absent;
+  }
+};
+
+// An optional per-channel output in either of those dtypes.
+template <typename scalar_t, typename acc_t>
+struct ChannelOutput {
+  scalar_t* narrow;
+  acc_t* wide;
+
+  __device__ __forceinline__ bool active() const { return narrow != nullptr || wide != nullptr; }
+  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
+    if (wide != nullptr) {
+      wide[c] = v;
+    } else if (narrow != nullptr) {
+      narrow[c] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise operations: a per-channel coefficient set, and the element formula of math.h.
+
+// y = (x - mean) * invstd * weight + bias.
+template <typename scalar_t, typename acc_t_>
+struct NormalizeElementwise {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using Coeffs = math::NormalizeCoeffs<acc_t>;
+  static constexpr int kInputs = 1;
+
+  const scalar_t* x;
+  scalar_t* out;
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelParam<scalar_t, acc_t> weight;
+  ChannelParam<scalar_t, acc_t> bias;
+
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
+    return math::normalize_coeffs(mean[c], invstd[c], weight[c], bias[c]);
+  }
+  __device__ __forceinline__ acc_t apply(acc_t x_value, acc_t /*dy*/, const Coeffs& co) const {
+    return math::normalize_element(x_value, co);
+  }
+};
+
+// grad_input. In training mode it needs per-channel sum(dy) and sum(dy * (x - mean)) over the
+// batch; `inv_count` turns the stored terms into the means math.h expects (1 / the element count
+// when they are sums, 1 when the caller already passes means): a product, where a division would
+// call a subroutine in every block.
+template <typename scalar_t, typename acc_t_>
+struct BackwardElementwise {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using Coeffs = math::BackwardCoeffs<acc_t>;
+  static constexpr int kInputs = 2;
+
+  const scalar_t* x;
+  const scalar_t* dy;
+  scalar_t* out;
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelParam<scalar_t, acc_t> weight;
+  const acc_t* dy_term;      // per channel; unused unless train
+  const acc_t* dy_xmu_term;  // per channel; unused unless train
+  acc_t inv_count;
+  bool train;
+
+  __device__ __forceinline__ Coeffs coeffs_from(int64_t c, acc_t sum_dy, acc_t sum_dy_xmu) const {
+    return math::backward_coeffs(mean[c], invstd[c], weight[c], sum_dy * inv_count,
+                                 sum_dy_xmu * inv_count, train);
+  }
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
+    return train ? coeffs_from(c, dy_term[c], dy_xmu_term[c]) : coeffs_from(c, acc_t(0), acc_t(0));
+  }
+  __device__ __forceinline__ acc_t apply(acc_t x_value, acc_t dy_value, const Coeffs& co) const {
+    return math::backward_element(dy_value, x_value, co);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Reductions: a state per channel, how to add a chunk of one channel's elements to it, how to
+// merge two states, and what to write once a channel is complete.
+
+// The moments of K elements of one channel held in registers: two passes over registers, then one
+// Welford merge per chunk instead of one division per element.
+template <int K, typename acc_t>
+__device__ __forceinline__ math::Welford<acc_t> chunk_moments(const acc_t* x) {
+  acc_t sum = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    sum += x[k];
+  }
+  const acc_t mean = sum / static_cast<acc_t>(K);
+  acc_t m2 = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const acc_t d = x[k] - mean;
+    m2 += d * d;
+  }
+  return math::welford_from_moments<acc_t>(K, mean, m2);
+}
+
+struct NoChannelData {};
+
+// Per-channel mean and invstd of the input.
+template <typename scalar_t, typename acc_t_>
+struct StatsReduction {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using State = math::Welford<acc_t>;
+  using Channel = NoChannelData;
+  static constexpr int kInputs = 1;
+  static constexpr bool kFusable = false;
+
+  const scalar_t* x;
+  acc_t* mean;
+  acc_t* invstd;
+  acc_t eps;
+
+  __device__ __forceinline__ Channel channel(int64_t) const { return {}; }
+  __device__ __forceinline__ static State identity() { return math::welford_empty<acc_t>(); }
+  __device__ __forceinline__ static State merge(const State& a, const State& b) {
+    return math::welford_merge(a, b);
+  }
+  __device__ __forceinline__ static State shfl_down(const State& s, int delta) {
+    State out;
+    out.mean = __shfl_down_sync(kFullWarp, s.mean, delta);
+    out.m2 = __shfl_down_sync(kFullWarp, s.m2, delta);
+    out.count = __shfl_down_sync(kFullWarp, s.count, delta);
+    return out;
+  }
+  template <int K>
+  __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t*, Channel) const {
+    if constexpr (K == 1) {
+      s = math::welford_update(s, x_values[0]);
+    } else {
+      s = math::welford_merge(s, chunk_moments<K>(x_values));
+    }
+  }
+  __device__ __forceinline__ void finish(int64_t c, const State& s) const {
+    mean[c] = s.mean;
+    invstd[c] = math::invstd_from_var(math::welford_biased_var(s), eps);
+  }
+};
+
+template <typename acc_t>
+struct GradSums {
+  acc_t dy;
+  acc_t dy_xmu;
+};
+
+// Per-channel sum(dy) and sum(dy * (x - mean)), and what the backward makes of them: grad_weight,
+// grad_bias, and (fused, when one block holds a whole channel) grad_input.
+template <typename scalar_t, typename acc_t_>
+struct GradReduction {
+  using scalar_type = scalar_t;
+  using acc_t = acc_t_;
+  using State = GradSums<acc_t>;
+  using Channel = acc_t;  // the channel's mean
+  static constexpr int kInputs = 2;
+  static constexpr bool kFusable = true;
+
+  const scalar_t* x;
+  const scalar_t* dy;
+  const acc_t* mean;
+  const acc_t* invstd;  // needed for grad_weight only
+  acc_t* sum_dy;        // optional outputs
+  acc_t* sum_dy_xmu;
+  ChannelOutput<scalar_t, acc_t> grad_weight;
+  ChannelOutput<scalar_t, acc_t> grad_bias;
+  BackwardElementwise<scalar_t, acc_t> element;  // element.out == nullptr: no fused grad_input
+
+  __device__ __forceinline__ bool fused() const { return element.out != nullptr; }
+  __device__ __forceinline__ Channel channel(int64_t c) const { return mean[c]; }
+  __device__ __forceinline__ static State identity() { return State{acc_t(0), acc_t(0)}; }
+  __device__ __forceinline__ static State merge(const State& a, const State& b) {
+    return State{a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+  }
+  __device__ __forceinline__ static State shfl_down(const State& s, int delta) {
+    return State{__shfl_down_sync(kFullWarp, s.dy, delta),
+                 __shfl_down_sync(kFullWarp, s.dy_xmu, delta)};
+  }
+  template <int K>
+  __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t* dy_values,
+                                      Channel channel_mean) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      s.dy += dy_values[k];
+      s.dy_xmu += dy_values[k] * (x_values[k] - channel_mean);
+    }
+  }
+  __device__ __forceinline__ void finish(int64_t c, const State& s) const {
+    if (sum_dy != nullptr) {
+      sum_dy[c] = s.dy;
+    }
+    if (sum_dy_xmu != nullptr) {
+      sum_dy_xmu[c] = s.dy_xmu;
+    }
+    if (grad_weight.active()) {
+      grad_weight.store(c, math::grad_weight_from_sums(s.dy_xmu, invstd[c]));
+    }
+    grad_bias.store(c, s.dy);
+  }
+  __device__ __forceinline__ typename BackwardElementwise<scalar_t, acc_t>::Coeffs element_coeffs(
+      int64_t c, const State& s) const {
+    return element.coeffs_from(c, s.dy, s.dy_xmu);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Which elements a thread visits. A launch covers `units` units of work, taken by the blocks in
+// turn (block b takes units b, b + gridDim.x, ...: a grid-stride loop when there are more units
+// than blocks); unit u is split u / tiles of channel tile u % tiles.
+
+// ChannelPlanes: one channel per tile; a split is a rectangle of batch_chunk planes x
+// spatial_chunk elements.
+struct PlaneTiling {
+  int64_t batch;
+  int64_t channels;  // tiles
+  int64_t spatial;
+  int64_t batch_chunk;
+  int64_t spatial_chunk;   // a multiple of the vector width
+  int64_t spatial_splits;  // rectangles along spatial for each batch chunk
+  int64_t units;           // channels * splits
+};
+
+// ChannelsLast: blockDim.x * VEC adjacent channels per tile; a split is row_chunk rows.
+struct RowTiling {
+  int64_t rows;
+  int64_t channels;
+  int64_t row_chunk;
+  int64_t tiles;
+  int64_t units;  // tiles * splits
+};
+
+// A tile: ROWS rows (planes, or channels-last rows) of VEC adjacent elements; row k starts at
+// element base + k * stride, and only the first `valid` rows exist.
+struct Tile {
+  int64_t base;
+  int64_t stride;
+  int valid;
+};
+
+// The units a block takes, blockIdx.x, blockIdx.x + gridDim.x, ..., as (tile, split): stepped
+// with one division at the start rather than a 64-bit division (a subroutine call) per unit.
+struct UnitWalk {
+  int64_t unit;
+  int64_t tile;
+  int64_t split;
+  int64_t step_tile;
+  int64_t step_split;
+
+  // tiles < 2^31 (checked on the host), so 32-bit divisions do.
+  __device__ __forceinline__ explicit UnitWalk(int64_t tiles)
+      : unit(blockIdx.x),
+        tile(blockIdx.x % static_cast<unsigned>(tiles)),
+        split(blockIdx.x / static_cast<unsigned>(tiles)),
+        step_tile(gridDim.x % static_cast<unsigned>(tiles)),
+        step_split(gridDim.x / static_cast<unsigned>(tiles)) {}
+  __device__ __forceinline__ void next(int64_t tiles) {
+    unit += gridDim.x;
+    tile += step_tile;
+    split += step_split;
+    if (tile >= tiles) {
+      tile -= tiles;
+      ++split;
+    }
+  }
+};
+
+// Calls f(tile) for each tile this thread owns in split `split` of channel c: ROWS planes x VEC
+// elements.
+template <int VEC, int ROWS, typename F>
+__device__ __forceinline__ void visit_planes(const PlaneTiling& t, int64_t c, int64_t split,
+                                             F&& f) {
+  // Splits number at most plan::kMaxSplits: 32-bit divisions do.
+  const auto split32 = static_cast<unsigned>(split);
+  const auto spatial_splits32 = static_cast<unsigned>(t.spatial_splits);
+  const int64_t batch_block = split32 / spatial_splits32;
+  const int64_t spatial_block = split32 % spatial_splits32;
+  const int64_t n_end = min_of(t.batch, (batch_block + 1) * t.batch_chunk);
+  const int64_t s_begin = spatial_block * t.spatial_chunk;
+  const int64_t s_end = min_of(t.spatial, s_begin + t.spatial_chunk);
+  const int64_t row_step = blockDim.y;
+  const int64_t plane_stride = row_step * t.channels * t.spatial;
+  for (int64_t n = batch_block * t.batch_chunk + threadIdx.y; n < n_end; n += row_step * ROWS) {
+    int valid = 0;
+#pragma unroll
+    for (int k = 0; k < ROWS; ++k) {
+      valid += (n + k * row_step < n_end) ? 1 : 0;
+    }
+    const int64_t plane = (n * t.channels + c) * t.spatial;
+    for (int64_t s = s_begin + threadIdx.x * VEC; s < s_end; s += blockDim.x * VEC) {
+      f(Tile{plane + s, plane_stride, valid});
+    }
+  }
+}
+
+// Calls f(tile) for each tile this thread owns in split `split` among the channels c0 .. c0 +
+// VEC - 1: ROWS rows x VEC channels.
+template <int VEC, int ROWS, typename F>
+__device__ __forceinline__ void visit_rows(const RowTiling& t, int64_t c0, int64_t split, F&& f) {
+  const int64_t r_begin = split * t.row_chunk;
+  const int64_t r_end = min_of(t.rows, r_begin + t.row_chunk);
+  const int64_t row_step = blockDim.y;
+  for (int64_t r = r_begin + threadIdx.y; r < r_end; r += row_step * ROWS) {
+    int valid = 0;
+#pragma unroll
+    for (int k = 0; k < ROWS; ++k) {
+      valid += (r + k * row_step < r_end) ? 1 : 0;
+    }
+    f(Tile{r * t.channels + c0, row_step * t.channels, valid});
+  }
+}
+
+// Rows a thread of `Op` loads before using any: about 32 bytes in flight, over all its inputs.
+template <typename Op, int VEC>
+constexpr int kRowsPerTile =
+    plan::rows_per_tile(VEC * static_cast<int>(sizeof(typename Op::scalar_type)), Op::kInputs);
+
+// Loads the existing rows of one tile of the op's inputs (x, and dy for two-input ops).
+template <int VEC, int ROWS, typename Op, typename acc_t>
+__device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t (&x)[ROWS][VEC],
+                                          acc_t (&dy)[ROWS][VEC]) {
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (k < tile.valid) {
+      load_pack<VEC>(op.x, tile.base + k * tile.stride, x[k]);
+      if constexpr (Op::kInputs == 2) {
+        load_pack<VEC>(op.dy, tile.base + k * tile.stride, dy[k]);
+      }
+    }
+  }
+}
+
+// out = op.apply(x, dy, coeffs of the element's channel) over one tile; coeff_of(v) gives the
+// coefficients of vector lane v.
+template <int VEC, int ROWS, typename Op, typename CoeffOf>
+__device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
+  using acc_t = typename Op::acc_t;
+  acc_t x[ROWS][VEC] = {};
+  acc_t dy[ROWS][VEC] = {};
+  load_tile<VEC, ROWS>(op, tile, x, dy);
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (k < tile.valid) {
+      acc_t y[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        y[v] = op.apply(x[k][v], dy[k][v], coeff_of(v));
+      }
+      store_pack<VEC>(op.out, tile.base + k * tile.stride, y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block-level merges.
+
+template <typename Red>
+__device__ __forceinline__ typename Red::State warp_reduce(typename Red::State s) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta >>= 1) {
+    s = Red::merge(s, Red::shfl_down(s, delta));
+  }
+  return s;
+}
+
+// Merges every thread's state; all threads receive the total. `shared` holds kThreads / 32 states.
+template <typename Red>
+__device__ __forceinline__ typename Red::State block_reduce(typename Red::State s,
+                                                            typename Red::State* shared) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int warps = (blockDim.x * blockDim.y) / 32;
+  s = warp_reduce<Red>(s);
+  if (lane == 0) {
+    shared[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    s = warp_reduce<Red>(lane < warps ? shared[lane] : Red::identity());
+    __syncwarp();  // every lane has read `shared` before lane 0 overwrites its first entry
+    if (lane == 0) {
+      shared[0] = s;
+    }
+  }
+  __syncthreads();
+  const typename Red::State total = shared[0];
+  __syncthreads();  // every thread has read the total before the next call overwrites `shared`
+  return total;
+}
+
+// Merges the states of one block column (same threadIdx.x, all threadIdx.y); every thread
+// receives its column's total. blockDim.y is a power of two; `shared` holds kThreads states.
+template <typename Red>
+__device__ __forceinline__ typename Red::State column_reduce(typename Red::State s,
+                                                             typename Red::State* shared) {
+  const int width = blockDim.x;
+  const int slot = threadIdx.y * width + threadIdx.x;
+  shared[slot] = s;
+  __syncthreads();
+  for (int half = blockDim.y / 2; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.y) < half) {
+      shared[slot] = Red::merge(shared[slot], shared[slot + half * width]);
+    }
+    __syncthreads();
+  }
+  const typename Red::State total = shared[threadIdx.x];
+  __syncthreads();  // the caller's next column_reduce overwrites `shared`
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+
+// One channel per tile. A unit that holds a whole channel (one split) finishes it, and a fused
+// reduction then writes its grad_input; with splits, each unit leaves its partial state in
+// partial[split][c] for finalize_kernel.
+template <typename Red, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    reduce_planes_kernel(const Red red, const PlaneTiling t, typename Red::State* partial) {
+  using State = typename Red::State;
+  using acc_t = typename Red::acc_t;
+  constexpr int ROWS = kRowsPerTile<Red, VEC>;
+  __shared__ State shared[kThreads / 32];
+
+  const bool split_channels = t.units > t.channels;
+  const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
+  // Every thread of the block runs the same units, so the barriers inside block_reduce are met.
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+    const int64_t c = u.tile;
+    const int64_t split = u.split;
+    const typename Red::Channel channel = red.channel(c);
+    State state = Red::identity();
+    visit_planes<VEC, ROWS>(t, c, split, [&](const Tile& tile) {
+      acc_t x[ROWS][VEC] = {};
+      acc_t dy[ROWS][VEC] = {};
+      load_tile<VEC, ROWS>(red, tile, x, dy);
+      if (tile.valid == ROWS) {
+        red.template add<ROWS * VEC>(state, &x[0][0], &dy[0][0], channel);
+      } else {
+#pragma unroll
+        for (int k = 0; k < ROWS; ++k) {
+          if (k < tile.valid) {
+            red.template add<VEC>(state, x[k], dy[k], channel);
+          }
+        }
+      }
+    });
+    const State total = block_reduce<Red>(state, shared);
+    if (split_channels) {
+      if (leader) {
+        partial[split * t.channels + c] = total;
+      }
+      continue;
+    }
+    if (leader) {
+      red.finish(c, total);
+    }
+    if constexpr (Red::kFusable) {
+      if (red.fused()) {
+        const auto coeffs = red.element_coeffs(c, total);
+        visit_planes<VEC, ROWS>(t, c, split, [&](const Tile& tile) {
+          transform_tile<VEC, ROWS>(red.element, tile, [&](int) { return coeffs; });
+        });
+      }
+    }
+  }
+}
+
+// VEC adjacent channels per thread, blockDim.x * VEC channels per tile. Partial results as in
+// reduce_planes_kernel.
+template <typename Red, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    reduce_rows_kernel(const Red red, const RowTiling t, typename Red::State* partial) {
+  using State = typename Red::State;
+  using acc_t = typename Red::acc_t;
+  constexpr int ROWS = kRowsPerTile<Red, VEC>;
+  __shared__ State shared[kThreads];
+
+  const bool split_channels = t.units > t.tiles;
+  // Every thread of the block runs the same units, inactive ones (channels past C) included, so
+  // the barriers inside column_reduce are met.
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
+    const int64_t split = u.split;
+    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
+    const bool active = c0 < t.channels;  // C % VEC == 0: a thread has all VEC channels or none
+    typename Red::Channel channel[VEC];
+    State state[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      state[v] = Red::identity();
+      channel[v] = red.channel(active ? c0 + v : 0);
+    }
+    if (active) {
+      visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
+        acc_t x[ROWS][VEC] = {};
+        acc_t dy[ROWS][VEC] = {};
+        load_tile<VEC, ROWS>(red, tile, x, dy);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          acc_t x_column[ROWS];
+          acc_t dy_column[ROWS];
+#pragma unroll
+          for (int k = 0; k < ROWS; ++k) {
+            x_column[k] = x[k][v];
+            dy_column[k] = dy[k][v];
+          }
+          if (tile.valid == ROWS) {
+            red.template add<ROWS>(state[v], x_column, dy_column, channel[v]);
+          } else {
+#pragma unroll
+            for (int k = 0; k < ROWS; ++k) {
+              if (k < tile.valid) {
+                red.template add<1>(state[v], &x_column[k], &dy_column[k], channel[v]);
+              }
+            }
+          }
+        }
+      });
+    }
+    State total[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      total[v] = column_reduce<Red>(state[v], shared);
+    }
+    if (!active) {
+      continue;
+    }
+    if (split_channels) {
+      if (threadIdx.y == 0) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          partial[split * t.channels + c0 + v] = total[v];
+        }
+      }
+      continue;
+    }
+    if (threadIdx.y == 0) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        red.finish(c0 + v, total[v]);
+      }
+    }
+    if constexpr (Red::kFusable) {
+      if (red.fused()) {
+        decltype(red.element_coeffs(0, total[0])) coeffs[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          coeffs[v] = red.element_coeffs(c0 + v, total[v]);
+        }
+        visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
+          transform_tile<VEC, ROWS>(red.element, tile, [&](int v) { return coeffs[v]; });
+        });
+      }
+    }
+  }
+}
+
+// Merges the `splits` partial states of each channel left by a split reduce_* launch, in
+// parallel: blockDim.x channels a block, blockDim.y (a power of two) lanes per channel that each
+// merge every blockDim.y-th partial, then a tree over the lanes.
+template <typename Red>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const Red red, const typename Red::State* partial, int64_t splits,
+                    int64_t channels) {
+  using State = typename Red::State;
+  __shared__ State shared[kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  State s = Red::identity();
+  if (c < channels) {
+    for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) {
+      s = Red::merge(s, partial[i * channels + c]);
+    }
+  }
+  // Every thread takes part, channels past the end included: column_reduce has barriers.
+  s = column_reduce<Red>(s, shared);
+  if (c < channels && threadIdx.y == 0) {
+    red.finish(c, s);
+  }
+}
+
+template <typename Op, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    elementwise_planes_kernel(const Op op, const PlaneTiling t) {
+  constexpr int ROWS = kRowsPerTile<Op, VEC>;
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+    const auto coeffs = op.coeffs(u.tile);
+    visit_planes<VEC, ROWS>(t, u.tile, u.split, [&](const Tile& tile) {
+      transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
+    });
+  }
+}
+
+template <typename Op, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    elementwise_rows_kernel(const Op op, const RowTiling t) {
+  constexpr int ROWS = kRowsPerTile<Op, VEC>;
+  // No barriers here, so threads past the last channel may skip units.
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
+    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
+    if (c0 >= t.channels) {
+      continue;
+    }
+    typename Op::Coeffs coeffs[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      coeffs[v] = op.coeffs(c0 + v);
+    }
+    visit_rows<VEC, ROWS>(t, c0, u.split, [&](const Tile& tile) {
+      transform_tile<VEC, ROWS>(op, tile, [&](int v) { return coeffs[v]; });
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: launch plans (launch_plan.h) from the limits of the device.
+
+constexpr int kMaxDevices = 64;
+
+// The device's SM count and L2 size, asked once per device.
+struct DeviceInfo {
+  int multiprocessors;
+  int64_t l2_bytes;
+};
+
+inline DeviceInfo device_info(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> sms{};  // 0: not asked yet
+  static std::array<std::atomic<int>, kMaxDevices> l2{};
+  const bool cached = device >= 0 && device < kMaxDevices;
+  DeviceInfo info{cached ? sms[device].load(std::memory_order_relaxed) : 0,
+                  cached ? l2[device].load(std::memory_order_relaxed) : 0};
+  if (info.multiprocessors == 0) {
+    int l2_bytes = 0;
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+    info.l2_bytes = l2_bytes;
+    if (cached) {
+      // Racing callers store the same values.
+      l2[device].store(l2_bytes, std::memory_order_relaxed);
+      sms[device].store(info.multiprocessors, std::memory_order_relaxed);
+    }
+  }
+  return info;
+}
+
+// Resident blocks per SM of `Kernel` at kThreads threads, asked once per kernel and device (on
+// the current device, which KernelInput's guard has set).
+template <auto Kernel>
+int blocks_per_multiprocessor(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};  // 0: not asked yet
+  const bool cached = device >= 0 && device < kMaxDevices;
+  int blocks = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (blocks == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, 0));
+    blocks = blocks < 1 ? 1 : blocks;
+    if (cached) {
+      cache[device].store(blocks, std::memory_order_relaxed);
+    }
+  }
+  return blocks;
+}
+
+template <auto Kernel>
+plan::DeviceLimits device_limits(int device) {
+  const DeviceInfo info = device_info(device);
+  return plan::DeviceLimits{info.multiprocessors, blocks_per_multiprocessor<Kernel>(device),
+                            info.l2_bytes};
+}
+
+// The planner's view of a kernel over `g` with `inputs` full-size inputs of `element_size` bytes.
+inline plan::Shape plan_shape(const Geometry& g, int element_size, int inputs) {
+  TORCH_CHECK(g.channels < (int64_t{1} << 31), "ckbn: at most 2^31 - 1 channels are supported");
+  return plan::Shape{g.batch, g.channels, g.spatial, g.layout == Layout::ChannelsLast,
+                     element_size, inputs};
+}
+
+// The largest power of two, at most 16, that divides every (non-null) address.
+inline int aligned_bytes(std::initializer_list<const void*> pointers) {
+  int bytes = 16;
+  for (const void* p : pointers) {
+    while (p != nullptr && reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
+      bytes /= 2;
+    }
+  }
+  return bytes;
+}
+
+// Calls f(std::integral_constant<int, vec>) for the plan's vector width, one of 1, 2, 4 ...
+// kWidest: each width a kernel may run with is instantiated, and only those.
+template <int kWidest, typename F>
+void with_vector_width(int vec, F&& f) {
+  if constexpr (kWidest > 1) {
+    if (vec == kWidest) {
+      f(std::integral_constant<int, kWidest>{});
+    } else {
+      with_vector_width<kWidest / 2>(vec, f);
+    }
+  } else {
+    TORCH_INTERNAL_ASSERT(vec == 1, "ckbn: unplanned vector width ", vec);
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Calls rows(width) or planes(width) by the layout, with width a std::integral_constant of the
+// planned vector width: only the widths each layout may plan for kKind are instantiated.
+template <plan::Kind kKind, typename scalar_t, typename Rows, typename Planes>
+void with_layout_width(bool channels_last, int vec, Rows&& rows, Planes&& planes) {
+  constexpr int element_size = sizeof(scalar_t);
+  if (channels_last) {
+    with_vector_width<plan::max_vector_width(kKind, true, element_size)>(vec, rows);
+  } else {
+    with_vector_width<plan::max_vector_width(kKind, false, element_size)>(vec, planes);
+  }
+}
+
+inline PlaneTiling plane_tiling(const plan::Plan& p, const Geometry& g) {
+  return PlaneTiling{g.batch,         g.channels,       g.spatial, p.batch_chunk,
+                     p.spatial_chunk, p.spatial_splits, p.units};
+}
+
+inline RowTiling row_tiling(const plan::Plan& p, const Geometry& g) {
+  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.units};
+}
+
+// The plan of a reduction (at most max_splits blocks per channel tile) over `g` that reads and
+// writes `pointers`.
+template <typename Red>
+plan::Plan plan_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
+                          const at::Tensor& on, int64_t max_splits = plan::kMaxSplits) {
+  const plan::Shape shape = plan_shape(g, sizeof(typename Red::scalar_type), Red::kInputs);
+  const int vec = plan::vector_width(plan::Kind::Reduce, shape, aligned_bytes(pointers));
+  const int device = on.get_device();
+  plan::DeviceLimits limits{};
+  with_layout_width<plan::Kind::Reduce, typename Red::scalar_type>(
+      shape.channels_last, vec,
+      [&](auto w) { limits = device_limits<reduce_rows_kernel<Red, decltype(w)::value>>(device); },
+      [&](auto w) {
+        limits = device_limits<reduce_planes_kernel<Red, decltype(w)::value>>(device);
+      });
+  return plan::plan_launch(plan::Kind::Reduce, shape, vec, limits, max_splits);
+}
+
+template <typename Op>
+plan::Plan plan_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
+                            const at::Tensor& on) {
+  const plan::Shape shape = plan_shape(g, sizeof(typename Op::scalar_type), Op::kInputs);
+  const int vec = plan::vector_width(plan::Kind::Elementwise, shape, aligned_bytes(pointers));
+  const int device = on.get_device();
+  plan::DeviceLimits limits{};
+  with_layout_width<plan::Kind::Elementwise, typename Op::scalar_type>(
+      shape.channels_last, vec,
+      [&](auto w) {
+        limits = device_limits<elementwise_rows_kernel<Op, decltype(w)::value>>(device);
+      },
+      [&](auto w) {
+        limits = device_limits<elementwise_planes_kernel<Op, decltype(w)::value>>(device);
+      });
+  return plan::plan_launch(plan::Kind::Elementwise, shape, vec, limits);
+}
+
+template <typename Red>
+void run_reduction(const Red& red, const plan::Plan& p, const Geometry& g, const at::Tensor& like) {
+  using State = typename Red::State;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor staging;
+  State* partial = nullptr;
+  if (p.splits > 1) {
+    staging = at::empty({p.splits * g.channels * static_cast<int64_t>(sizeof(State))},
+                        like.options().dtype(at::kByte));
+    partial = reinterpret_cast<State*>(staging.data_ptr());
+  }
+  const dim3 grid(static_cast<unsigned>(p.grid));
+  const dim3 block(p.block_x, p.block_y);
+  with_layout_width<plan::Kind::Reduce, typename Red::scalar_type>(
+      p.channels_last, p.vec,
+      [&](auto w) {
+        reduce_rows_kernel<Red, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(red, row_tiling(p, g), partial);
+      },
+      [&](auto w) {
+        reduce_planes_kernel<Red, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(red, plane_tiling(p, g), partial);
+      });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const dim3 finalize_block(p.finalize_x, p.finalize_y);
+    finalize_kernel<Red><<<static_cast<unsigned>(p.finalize_grid), finalize_block, 0, stream>>>(
+        red, partial, p.splits, g.channels);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename Op>
+void run_elementwise(const Op& op, const plan::Plan& p, const Geometry& g) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(p.grid));
+  const dim3 block(p.block_x, p.block_y);
+  with_layout_width<plan::Kind::Elementwise, typename Op::scalar_type>(
+      p.channels_last, p.vec,
+      [&](auto w) {
+        elementwise_rows_kernel<Op, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(op, row_tiling(p, g));
+      },
+      [&](auto w) {
+        elementwise_planes_kernel<Op, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(op, plane_tiling(p, g));
+      });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: argument handling shared by the operators.
+
+// The input of an operator whose arguments passed the shared checks (which name any tensor on
+// the wrong device): the guard that puts the kernels on input's device, and the kernel view.
+struct KernelInput {
+  KernelInput(const at::Tensor& input, const char* op) : guard(cuda_device(input, op)) {
+    std::tie(view, geometry) = kernel_view(input);
+    if (geometry.spatial == 1) {
+      // [N][C][1] is [N][C]: the channels-last kernels read it along C, coalesced.
+      geometry.layout = Layout::ChannelsLast;
+    }
+  }
+
+  static c10::Device cuda_device(const at::Tensor& input, const char* op) {
+    TORCH_CHECK(input.is_cuda(), op, ": expected input on a CUDA device, but got ", input.device());
+    return input.device();
+  }
+
+  c10::cuda::CUDAGuard guard;
+  at::Tensor view;
+  Geometry geometry;
+};
+
+inline c10::optional<at::Tensor> contiguous_if_defined(const c10::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined()) {
+    return t->contiguous();
+  }
+  return c10::nullopt;
+}
+
+template <typename scalar_t, typename acc_t>
+ChannelParam<scalar_t, acc_t> channel_param(const c10::optional<at::Tensor>& t, double absent) {
+  ChannelParam<scalar_t, acc_t> p{nullptr, nullptr, static_cast<acc_t>(absent)};
+  if (t.has_value()) {
+    if (t->scalar_type() == c10::CppTypeToScalarType<acc_t>::value) {
+      p.wide = t->const_data_ptr<acc_t>();
+    } else {
+      p.narrow = t->const_data_ptr<scalar_t>();
+    }
+  }
+  return p;
+}
+
+template <typename scalar_t, typename acc_t>
+ChannelOutput<scalar_t, acc_t> channel_output(const at::Tensor& t, bool wanted) {
+  ChannelOutput<scalar_t, acc_t> out{nullptr, nullptr};
+  if (wanted) {
+    if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value) {
+      out.wide = t.data_ptr<acc_t>();
+    } else {
+      out.narrow = t.data_ptr<scalar_t>();
+    }
+  }
+  return out;
+}
+
+// `out` in output_format(input). Kernels write in the kernel view's layout, which differs only for
+// C-innermost input of other ranks.
+inline at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
+  const auto format = output_format(input);
+  return out.is_contiguous(format) ? out : out.contiguous(format);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// The backward's kernels, planned and launched by grad_reduction.cu and grad_elementwise.cu (for
+// each dtype, rather than in backward.cu) so that the largest op family compiles as two units.
+template <typename scalar_t>
+plan::Plan plan_grad_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
+                               const at::Tensor& on, int64_t max_splits = plan::kMaxSplits);
+template <typename scalar_t>
+void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>>& red, const plan::Plan& p,
+                        const Geometry& g, const at::Tensor& like);
+template <typename scalar_t>
+plan::Plan plan_grad_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
+                                 const at::Tensor& on);
+template <typename scalar_t>
+void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>>& op,
+                          const plan::Plan& p, const Geometry& g);
+
+}  // namespace gpu
+}  // namespace ckbn
