@@ -2,7 +2,7 @@
 
     CKBN_BACKEND=reference python tests/cuda_emulation/check_kernels.py [-k SUBSTRING] [--dtypes float32,...]
 
-The shapes are chosen so that every path of batch_norm.cu runs: scalar and vector loads, channel
+The shapes are chosen so that every path of csrc/cuda runs: scalar and vector loads, channel
 tiles that C does not fill, channels split across blocks (batch and spatial splits, staged partial
 results) and whole channels in one block (the fused backward), 2-D to 5-D input, storage offsets,
 empty input. Exits with status 1 if any case differs from the reference.
