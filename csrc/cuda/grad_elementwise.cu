@@ -1,24 +1,21 @@
-// The backward's element-wise grad_input kernels, one instantiation per input dtype; backward.cu
-// launches them through run_grad_elementwise.
+// The backward's element-wise grad_input kernels, one instantiation per input dtype and fused
+// activation; backward.cu launches them through run_grad_elementwise.
 #include "kernels.cuh"
 
 namespace ckbn {
 namespace gpu {
 
-template <typename scalar_t>
-void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>>& op,
+template <typename scalar_t, math::Activation act>
+void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>, act>& op,
                           const LaunchPlan& p) {
   run_elementwise(op, p);
 }
 
-template void run_grad_elementwise<double>(
-    const BackwardElementwise<double, acc_type<double>>&, const LaunchPlan&);
-template void run_grad_elementwise<float>(
-    const BackwardElementwise<float, acc_type<float>>&, const LaunchPlan&);
-template void run_grad_elementwise<at::Half>(
-    const BackwardElementwise<at::Half, acc_type<at::Half>>&, const LaunchPlan&);
-template void run_grad_elementwise<at::BFloat16>(
-    const BackwardElementwise<at::BFloat16, acc_type<at::BFloat16>>&, const LaunchPlan&);
+#define CKBN_INSTANTIATE(scalar_t, act)         \
+  template void run_grad_elementwise<scalar_t, act>( \
+      const BackwardElementwise<scalar_t, acc_type<scalar_t>, act>&, const LaunchPlan&);
+CKBN_FOR_EACH_DTYPE_AND_ACTIVATION(CKBN_INSTANTIATE)
+#undef CKBN_INSTANTIATE
 
 }  // namespace gpu
 }  // namespace ckbn
