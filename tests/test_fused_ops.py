@@ -94,6 +94,26 @@ def test_fused_normalize_and_backward(shape, layout, dtype, activation, param, t
         assert_close(actual, exact, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 70, 70), (4, 8, 64, 64)], ids=str)
+@fused_params([("relu", 0.0), ("silu", 0.0)])
+def test_fused_inputs_split_into_chunks_and_threads(activation, param, shape, layout, threads, device):
+    """Inputs big enough that the kernels merge several chunks per channel and split work between threads."""
+    x, dy, weight, bias, mean, invstd = fused_inputs(shape, layout, torch.float32, device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops.normalize(x, mean, invstd, weight, bias, activation, param)
+        grads = ops.backward(dy, x, mean, invstd, weight, True, [True, True, True], bias, activation, param)
+    finally:
+        torch.set_num_threads(previous)
+    expected_y, expected = oracle(x, dy, weight, bias, mean, invstd, True, activation, param)
+    assert_close(y, expected_y, torch.float32)
+    for actual, exact in zip(grads, expected):
+        torch.testing.assert_close(actual.double().cpu(), exact.cpu(), rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     "mask", [[True, False, False], [False, True, False], [False, False, True], [False, True, True]], ids=str
 )
