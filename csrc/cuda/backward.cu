@@ -10,21 +10,23 @@ namespace {
 
 // Shared by backward and backward_elemt: grad_input of `view` (dy already in view's strides)
 // through `element`, whose output pointer is filled in here.
-template <typename scalar_t>
-void run_grad_input(BackwardElementwise<scalar_t, acc_type<scalar_t>> element,
+template <typename scalar_t, math::Activation act>
+void run_grad_input(BackwardElementwise<scalar_t, acc_type<scalar_t>, act> element,
                     const at::Tensor& grad_input, const Geometry& g, const at::Tensor& view) {
   element.out = grad_input.data_ptr<scalar_t>();
-  run_grad_elementwise(element,
-                       plan_grad_elementwise<scalar_t>(g, {element.x, element.dy, element.out}, view),
-                       g);
+  run_grad_elementwise(
+      element, plan_grad_elementwise<scalar_t, act>(g, {element.x, element.dy, element.out}, view), g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool train,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const c10::optional<at::Tensor>& bias,
+    c10::string_view activation, double activation_param) {
   constexpr const char* op = "ckbn::backward";
   check_backward_args(grad_output, input, mean, invstd, weight);
+  const math::Activation fused_activation =
+      check_backward_activation_args(bias, input, activation, activation_param);
   const KernelInput kin(input, op);
   const at::Tensor& view = kin.view;
   const Geometry& g = kin.geometry;
@@ -33,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const bool need_bias = output_mask[2];
   const at::Tensor dy = match_strides(grad_output, view);
   const auto weight_c = contiguous_if_defined(weight);
+  const auto bias_c = contiguous_if_defined(bias);
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor invstd_c = invstd.contiguous();
   const auto param_options =
@@ -48,57 +51,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     grad_bias.zero_();
   } else if (needs_reduction || need_input) {  // else grad_input is empty: nothing to launch
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward", [&] {
-      using acc_t = acc_type<scalar_t>;
-      BackwardElementwise<scalar_t, acc_t> element{view.const_data_ptr<scalar_t>(),
-                                                   dy.const_data_ptr<scalar_t>(),
-                                                   nullptr,
-                                                   mean_c.const_data_ptr<acc_t>(),
-                                                   invstd_c.const_data_ptr<acc_t>(),
-                                                   channel_param<scalar_t, acc_t>(weight_c, 1.0),
-                                                   nullptr,
-                                                   nullptr,
-                                                   acc_t(1) / static_cast<acc_t>(g.per_channel()),
-                                                   train};
-      if (!needs_reduction) {
-        run_grad_input(element, grad_input, g, view);
-        return;
-      }
-      const std::initializer_list<const void*> pointers{
-          element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr};
-      const plan::Plan split_plan = plan_grad_reduction<scalar_t>(g, pointers, view);
-      plan::Plan fused_plan;
-      bool fused = false;
-      if (need_input) {
-        // A unit holding a whole channel can write its grad_input in the same kernel, while the
-        // channel's data is still in L2: fused when the planner finds that cheaper.
-        fused_plan = plan_grad_reduction<scalar_t>(g, pointers, view, /*max_splits=*/1);
-        fused = plan::fuse_backward(plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
-                                    plan_grad_elementwise<scalar_t>(g, pointers, view),
-                                    device_info(view.get_device()).l2_bytes);
-      }
-      GradReduction<scalar_t, acc_t> red{element.x,
-                                         element.dy,
-                                         element.mean,
-                                         element.invstd,
-                                         nullptr,
-                                         nullptr,
-                                         channel_output<scalar_t, acc_t>(grad_weight, need_weight),
-                                         channel_output<scalar_t, acc_t>(grad_bias, need_bias),
-                                         element};
-      at::Tensor sums;
-      if (fused) {
-        red.element.out = grad_input.data_ptr<scalar_t>();
-      } else if (need_input && train) {
-        sums = at::empty({2, g.channels}, mean_c.options());
-        red.sum_dy = sums[0].data_ptr<acc_t>();
-        red.sum_dy_xmu = sums[1].data_ptr<acc_t>();
-        element.dy_term = red.sum_dy;
-        element.dy_xmu_term = red.sum_dy_xmu;
-      }
-      run_grad_reduction(red, fused ? fused_plan : split_plan, g, view);
-      if (need_input && !fused) {
-        run_grad_input(element, grad_input, g, view);
-      }
+      math::visit_activation(fused_activation, [&](auto act) {
+        using acc_t = acc_type<scalar_t>;
+        constexpr math::Activation kAct = decltype(act)::value;
+        BackwardElementwise<scalar_t, acc_t, kAct> element{view.const_data_ptr<scalar_t>(),
+                                                           dy.const_data_ptr<scalar_t>(),
+                                                           nullptr,
+                                                           mean_c.const_data_ptr<acc_t>(),
+                                                           invstd_c.const_data_ptr<acc_t>(),
+                                                           channel_param<scalar_t, acc_t>(weight_c, 1.0),
+                                                           nullptr,
+                                                           nullptr,
+                                                           acc_t(1) / static_cast<acc_t>(g.per_channel()),
+                                                           train,
+                                                           channel_param<scalar_t, acc_t>(bias_c, 0.0),
+                                                           static_cast<acc_t>(activation_param)};
+        if (!needs_reduction) {
+          run_grad_input(element, grad_input, g, view);
+          return;
+        }
+        const std::initializer_list<const void*> pointers{
+            element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr};
+        const plan::Plan split_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view);
+        plan::Plan fused_plan;
+        bool fused = false;
+        if (need_input) {
+          // A unit holding a whole channel can write its grad_input in the same kernel, while the
+          // channel's data is still in L2: fused when the planner finds that cheaper.
+          fused_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view, /*max_splits=*/1);
+          fused = plan::fuse_backward(plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
+                                      plan_grad_elementwise<scalar_t, kAct>(g, pointers, view),
+                                      device_info(view.get_device()).l2_bytes);
+        }
+        GradReduction<scalar_t, acc_t, kAct> red{element.x,
+                                                 element.dy,
+                                                 element.mean,
+                                                 element.invstd,
+                                                 nullptr,
+                                                 nullptr,
+                                                 channel_output<scalar_t, acc_t>(grad_weight, need_weight),
+                                                 channel_output<scalar_t, acc_t>(grad_bias, need_bias),
+                                                 element};
+        at::Tensor sums;
+        if (fused) {
+          red.element.out = grad_input.data_ptr<scalar_t>();
+        } else if (need_input && train) {
+          sums = at::empty({2, g.channels}, mean_c.options());
+          red.sum_dy = sums[0].data_ptr<acc_t>();
+          red.sum_dy_xmu = sums[1].data_ptr<acc_t>();
+          element.dy_term = red.sum_dy;
+          element.dy_xmu_term = red.sum_dy_xmu;
+        }
+        run_grad_reduction(red, fused ? fused_plan : split_plan, g, view);
+        if (need_input && !fused) {
+          run_grad_input(element, grad_input, g, view);
+        }
+      });
     });
   }
   if (need_input) {

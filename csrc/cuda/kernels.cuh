@@ -116,8 +116,8 @@ struct ChannelOutput {
 // ---------------------------------------------------------------------------------------------
 // Element-wise operations: a per-channel coefficient set, and the element formula of math.h.
 
-// y = (x - mean) * invstd * weight + bias.
-template <typename scalar_t, typename acc_t_>
+// y = act((x - mean) * invstd * weight + bias).
+template <typename scalar_t, typename acc_t_, math::Activation act = math::Activation::Identity>
 struct NormalizeElementwise {
   using scalar_type = scalar_t;
   using acc_t = acc_t_;
@@ -130,20 +130,22 @@ struct NormalizeElementwise {
   const acc_t* invstd;
   ChannelParam<scalar_t, acc_t> weight;
   ChannelParam<scalar_t, acc_t> bias;
+  acc_t slope;  // leaky_relu's negative slope
 
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
     return math::normalize_coeffs(mean[c], invstd[c], weight[c], bias[c]);
   }
   __device__ __forceinline__ acc_t apply(acc_t x_value, acc_t /*dy*/, const Coeffs& co) const {
-    return math::normalize_element(x_value, co);
+    return math::normalize_activate<act>(x_value, co, slope);
   }
 };
 
 // grad_input. In training mode it needs per-channel sum(dy) and sum(dy * (x - mean)) over the
 // batch; `inv_count` turns the stored terms into the means math.h expects (1 / the element count
 // when they are sums, 1 when the caller already passes means): a product, where a division would
-// call a subroutine in every block.
-template <typename scalar_t, typename acc_t_>
+// call a subroutine in every block. With a fused activation, dy is the gradient of its output;
+// bias (with mean, invstd and weight) gives back its input.
+template <typename scalar_t, typename acc_t_, math::Activation act = math::Activation::Identity>
 struct BackwardElementwise {
   using scalar_type = scalar_t;
   using acc_t = acc_t_;
@@ -160,16 +162,19 @@ struct BackwardElementwise {
   const acc_t* dy_xmu_term;  // per channel; unused unless train
   acc_t inv_count;
   bool train;
+  ChannelParam<scalar_t, acc_t> bias;  // read only with an activation
+  acc_t slope;                         // leaky_relu's negative slope
 
   __device__ __forceinline__ Coeffs coeffs_from(int64_t c, acc_t sum_dy, acc_t sum_dy_xmu) const {
     return math::backward_coeffs(mean[c], invstd[c], weight[c], sum_dy * inv_count,
-                                 sum_dy_xmu * inv_count, train);
+                                 sum_dy_xmu * inv_count, train,
+                                 act == math::Activation::Identity ? acc_t(0) : bias[c]);
   }
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
     return train ? coeffs_from(c, dy_term[c], dy_xmu_term[c]) : coeffs_from(c, acc_t(0), acc_t(0));
   }
   __device__ __forceinline__ acc_t apply(acc_t x_value, acc_t dy_value, const Coeffs& co) const {
-    return math::backward_element(dy_value, x_value, co);
+    return math::fused_backward_element<act>(dy_value, x_value, co, slope);
   }
 };
 
@@ -246,13 +251,14 @@ struct GradSums {
 };
 
 // Per-channel sum(dy) and sum(dy * (x - mean)), and what the backward makes of them: grad_weight,
-// grad_bias, and (fused, when one block holds a whole channel) grad_input.
-template <typename scalar_t, typename acc_t_>
+// grad_bias, and (fused, when one block holds a whole channel) grad_input. With a fused activation
+// the sums are of dz = dy * act'(z), z recomputed from x.
+template <typename scalar_t, typename acc_t_, math::Activation act = math::Activation::Identity>
 struct GradReduction {
   using scalar_type = scalar_t;
   using acc_t = acc_t_;
   using State = GradSums<acc_t>;
-  using Channel = acc_t;  // the channel's mean
+  using Channel = math::NormalizeCoeffs<acc_t>;  // the channel's mean, and what gives back z
   static constexpr int kInputs = 2;
   static constexpr bool kFusable = true;
 
@@ -264,10 +270,16 @@ struct GradReduction {
   acc_t* sum_dy_xmu;
   ChannelOutput<scalar_t, acc_t> grad_weight;
   ChannelOutput<scalar_t, acc_t> grad_bias;
-  BackwardElementwise<scalar_t, acc_t> element;  // element.out == nullptr: no fused grad_input
+  BackwardElementwise<scalar_t, acc_t, act> element;  // element.out == nullptr: no fused grad_input
 
   __device__ __forceinline__ bool fused() const { return element.out != nullptr; }
-  __device__ __forceinline__ Channel channel(int64_t c) const { return mean[c]; }
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    if constexpr (act == math::Activation::Identity) {
+      return Channel{mean[c], acc_t(1), acc_t(0)};  // backward_reduce has no invstd
+    } else {
+      return math::normalize_coeffs(mean[c], invstd[c], element.weight[c], element.bias[c]);
+    }
+  }
   __device__ __forceinline__ static State identity() { return State{acc_t(0), acc_t(0)}; }
   __device__ __forceinline__ static State merge(const State& a, const State& b) {
     return State{a.dy + b.dy, a.dy_xmu + b.dy_xmu};
@@ -278,11 +290,12 @@ struct GradReduction {
   }
   template <int K>
   __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t* dy_values,
-                                      Channel channel_mean) const {
+                                      const Channel& z) const {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      s.dy += dy_values[k];
-      s.dy_xmu += dy_values[k] * (x_values[k] - channel_mean);
+      const acc_t dz = math::pre_activation_grad<act>(dy_values[k], x_values[k], z, element.slope);
+      s.dy += dz;
+      s.dy_xmu += dz * (x_values[k] - z.mean);
     }
   }
   __device__ __forceinline__ void finish(int64_t c, const State& s) const {
@@ -297,7 +310,7 @@ struct GradReduction {
     }
     grad_bias.store(c, s.dy);
   }
-  __device__ __forceinline__ typename BackwardElementwise<scalar_t, acc_t>::Coeffs element_coeffs(
+  __device__ __forceinline__ typename BackwardElementwise<scalar_t, acc_t, act>::Coeffs element_coeffs(
       int64_t c, const State& s) const {
     return element.coeffs_from(c, s.dy, s.dy_xmu);
   }
@@ -975,19 +988,29 @@ inline at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& inpu
 // ---------------------------------------------------------------------------------------------
 
 // The backward's kernels, planned and launched by grad_reduction.cu and grad_elementwise.cu (for
-// each dtype, rather than in backward.cu) so that the largest op family compiles as two units.
-template <typename scalar_t>
+// each dtype and fused activation, rather than in backward.cu) so that the largest op family
+// compiles as two units.
+template <typename scalar_t, math::Activation act>
 plan::Plan plan_grad_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
                                const at::Tensor& on, int64_t max_splits = plan::kMaxSplits);
-template <typename scalar_t>
-void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>>& red, const plan::Plan& p,
-                        const Geometry& g, const at::Tensor& like);
-template <typename scalar_t>
+template <typename scalar_t, math::Activation act>
+void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>, act>& red,
+                        const plan::Plan& p, const Geometry& g, const at::Tensor& like);
+template <typename scalar_t, math::Activation act>
 plan::Plan plan_grad_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
                                  const at::Tensor& on);
-template <typename scalar_t>
-void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>>& op,
+template <typename scalar_t, math::Activation act>
+void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>, act>& op,
                           const plan::Plan& p, const Geometry& g);
+
+// M(scalar_t, act) for each input dtype and each fused activation: the instantiations above.
+#define CKBN_FOR_EACH_ACTIVATION(M, scalar_t)                                                 \
+  M(scalar_t, math::Activation::Identity) M(scalar_t, math::Activation::Relu)                 \
+  M(scalar_t, math::Activation::Relu6) M(scalar_t, math::Activation::LeakyRelu)               \
+  M(scalar_t, math::Activation::Silu) M(scalar_t, math::Activation::Hardswish)
+#define CKBN_FOR_EACH_DTYPE_AND_ACTIVATION(M)                                                 \
+  CKBN_FOR_EACH_ACTIVATION(M, double) CKBN_FOR_EACH_ACTIVATION(M, float)                      \
+  CKBN_FOR_EACH_ACTIVATION(M, at::Half) CKBN_FOR_EACH_ACTIVATION(M, at::BFloat16)
 
 }  // namespace gpu
 }  // namespace ckbn

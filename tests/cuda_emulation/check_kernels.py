@@ -5,7 +5,7 @@
 The shapes are chosen so that every path of csrc/cuda runs: scalar and vector loads, channel
 tiles that C does not fill, channels split across blocks (batch and spatial splits, staged partial
 results) and whole channels in one block (the fused backward), 2-D to 5-D input, storage offsets,
-empty input. Exits with status 1 if any case differs from the reference.
+empty input, and each fused activation. Exits with status 1 if any case differs from the reference.
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ def tolerance(dtype):
 
 
 STATS_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
+# Fused activations (name, param), run with parameters of input's dtype: a kink, a slope, an exp and
+# a piecewise polynomial (relu6 is relu's kind, and the emulator is slow).
+FUSED = [("relu", 0.0), ("leaky_relu", -0.3), ("silu", 0.0), ("hardswish", 0.0)]
 
 
 def compare(name, got, want, tol, failures):
@@ -132,6 +135,7 @@ def run_case(label, shape, layout, dtype, gen, failures):
             compare(f"{tag} backward train={train} mask={mask} grads", got[1:], want[1:], sums_tol, failures)
             if got[1].dtype != want[1].dtype or got[2].dtype != want[2].dtype:
                 failures.append(f"{tag} backward dtypes {got[1].dtype}, {got[2].dtype} != {want[1].dtype}")
+    run_fused(label, x, dy, mean, invstd, gen, out_tol, failures)
     sums = ref.backward_reduce(dy, x, mean)
     sums_tol = dict(rtol=1e-4 if dtype != torch.float64 else 1e-10,
                     atol=(1e-4 if dtype != torch.float64 else 1e-10) * max(1, x.numel() // channels))
@@ -141,6 +145,24 @@ def run_case(label, shape, layout, dtype, gen, failures):
     weight = torch.rand(channels, generator=gen, dtype=torch.float64).add(0.5).to(dtype)
     compare(f"{label} backward_elemt", ops.backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu),
             ref.backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu), out_tol, failures)
+
+
+def run_fused(label, x, dy, mean, invstd, gen, out_tol, failures):
+    """normalize and backward with each fused activation; the bias spreads z over every piece."""
+    ops = torch.ops.ckbn
+    channels = x.size(1)
+    weight = torch.rand(channels, generator=gen, dtype=torch.float64).add(0.5).mul(2).to(x.dtype)
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64).mul(2).to(x.dtype)
+    sums_tol = dict(rtol=out_tol["rtol"], atol=out_tol["atol"] * max(1, x.numel() // channels) ** 0.5)
+    for activation, param in FUSED:
+        tag = f"{label} {activation}"
+        compare(f"{tag} normalize", ops.normalize(x, mean, invstd, weight, bias, activation, param),
+                ref.normalize(x, mean, invstd, weight, bias, activation, param), out_tol, failures)
+        for train, mask in ((True, [True, True, True]), (False, [True, False, False]), (False, [False, True, True])):
+            got = ops.backward(dy, x, mean, invstd, weight, train, mask, bias, activation, param)
+            want = ref.backward(dy, x, mean, invstd, weight, train, mask, bias, activation, param)
+            compare(f"{tag} backward train={train} mask={mask} grad_input", got[0], want[0], out_tol, failures)
+            compare(f"{tag} backward train={train} mask={mask} grads", got[1:], want[1:], sums_tol, failures)
 
 
 def run_running_stats(gen, failures):
