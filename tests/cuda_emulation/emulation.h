@@ -5,6 +5,10 @@
 // machine without a GPU: their index arithmetic, block merges, split reductions and vector paths
 // run exactly as written. It says nothing about performance or about memory-model subtleties
 // (every emulated thread sees every write at once).
+//
+// Hooks let tests/cuda_emulation/traffic.cpp observe launches: it records each launch's kernel and
+// shape, can skip running it (to read the launch plans of full-size shapes), and counts the bytes
+// kernel threads read and write in tensor storage (`in_kernel` tells its counters who is running).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -55,19 +59,37 @@ struct BlockSync {
 
 inline thread_local BlockSync* current = nullptr;
 inline thread_local int linear_tid = 0;
+inline thread_local bool in_kernel = false;  // this thread is running kernel code
 
-// Multiprocessors the emulated device reports (it sets how far channels are split).
-inline int multiprocessors() {
-  const char* env = std::getenv("CKBN_EMULATED_SMS");
-  return env != nullptr ? std::atoi(env) : 4;
+// Set by an observer of launches (traffic.cpp); all optional.
+struct LaunchHooks {
+  // Before a launch, on the launching thread: false skips running it.
+  bool (*begin)(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes) = nullptr;
+  void (*end)() = nullptr;  // after the launch's last block
+  // Resident blocks per multiprocessor for a kernel, block size and dynamic shared memory.
+  int (*occupancy)(const void* kernel, int block_threads, std::size_t shared_bytes) = nullptr;
+};
+inline LaunchHooks hooks;
+
+inline long env_or(const char* name, long fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::atol(env) : fallback;
 }
+
+// The emulated device (CKBN_EMULATED_*): its multiprocessors set how far channels are split.
+inline int multiprocessors() { return static_cast<int>(env_or("CKBN_EMULATED_SMS", 4)); }
+inline long l2_bytes() { return env_or("CKBN_EMULATED_L2_BYTES", 50L << 20); }
 
 // Runs kernel(args...) over the grid. One std::thread per CUDA thread of a block, created once per
 // launch; each block gets fresh barriers, since threads that exit early drop out of them.
 template <typename... Params, typename... Args>
-void launch(dim3 grid, dim3 block, std::size_t /*shared_bytes*/, void* /*stream*/,
+void launch(dim3 grid, dim3 block, std::size_t shared_bytes, void* /*stream*/,
             void (*kernel)(Params...), Args&&... args) {
   const std::tuple<Params...> params(std::forward<Args>(args)...);
+  if (hooks.begin != nullptr &&
+      !hooks.begin(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes)) {
+    return;
+  }
   const int threads = static_cast<int>(block.x * block.y * block.z);
   const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
   std::unique_ptr<BlockSync> sync;
@@ -85,7 +107,9 @@ void launch(dim3 grid, dim3 block, std::size_t /*shared_bytes*/, void* /*stream*
         start.arrive_and_wait();
         current = sync.get();
         blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (static_cast<long>(grid.x) * grid.y));
+        in_kernel = true;
         std::apply(kernel, params);
+        in_kernel = false;
         // An exited thread no longer takes part in barriers, as on the device.
         current->warps[t / 32]->arrive_and_drop();
         current->block.arrive_and_drop();
@@ -100,6 +124,9 @@ void launch(dim3 grid, dim3 block, std::size_t /*shared_bytes*/, void* /*stream*
   }
   for (auto& w : workers) {
     w.join();
+  }
+  if (hooks.end != nullptr) {
+    hooks.end();
   }
 }
 
@@ -132,9 +159,46 @@ T __shfl_down_sync(unsigned /*mask*/, T value, int delta) {
 using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = emu::multiprocessors();
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrL2CacheSize,
+  cudaDevAttrMaxThreadsPerMultiProcessor,
+  cudaDevAttrMaxBlocksPerMultiprocessor,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+};
+// An sm_90 device with CKBN_EMULATED_SMS multiprocessors and CKBN_EMULATED_L2_BYTES of L2.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = emu::multiprocessors();
+      break;
+    case cudaDevAttrL2CacheSize:
+      *value = static_cast<int>(emu::l2_bytes());
+      break;
+    case cudaDevAttrMaxThreadsPerMultiProcessor:
+      *value = 2048;
+      break;
+    case cudaDevAttrMaxBlocksPerMultiprocessor:
+      *value = 32;
+      break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = 228 * 1024;
+      break;
+  }
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+// Resident blocks per multiprocessor: what the launch observer says (the sm_90 occupancy of the
+// compiled kernel), else CKBN_EMULATED_BLOCKS_PER_SM, else 2.
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel kernel, int block_threads,
+                                                          std::size_t shared_bytes) {
+  *blocks = emu::hooks.occupancy != nullptr
+                ? emu::hooks.occupancy(reinterpret_cast<const void*>(kernel), block_threads, shared_bytes)
+                : static_cast<int>(emu::env_or("CKBN_EMULATED_BLOCKS_PER_SM", 2));
   return cudaSuccess;
 }
 #define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "emulated CUDA call failed")
