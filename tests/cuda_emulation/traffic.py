@@ -41,7 +41,7 @@ TRAFFIC_CASES = [
     ("planes vector, whole channels", (8, 16, 16, 16), "planes"),
     ("planes vector, split channels", (32, 2, 64, 64), "planes"),
     ("planes scalar (odd spatial)", (8, 6, 7, 7), "planes"),
-    ("rows vector, whole channels", (8, 64, 4, 4), "last"),
+    ("rows vector, whole channels", (32, 64, 4, 4), "last"),
     ("rows vector, split channels", (32, 8, 16, 16), "last"),
 ]
 TRAFFIC_DTYPES = ("float32", "float16")
