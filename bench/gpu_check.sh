@@ -113,7 +113,8 @@ step() {
 build_copy() {
   mkdir -p "$BUILD_ROOT"
   rm -rf "$BUILD_ROOT/csrc" "$BUILD_ROOT/ckbn"
-  cp setup.py "$BUILD_ROOT/" && cp -r csrc "$BUILD_ROOT/csrc" && cp -r src/ckbn "$BUILD_ROOT/ckbn" \
+  # -p keeps modification times, so that ninja recompiles only what changed since the last build.
+  cp -p setup.py "$BUILD_ROOT/" && cp -rp csrc "$BUILD_ROOT/csrc" && cp -rp src/ckbn "$BUILD_ROOT/ckbn" \
     && rm -f "$BUILD_ROOT"/ckbn/_C*.so && (cd "$BUILD_ROOT" && $PYTHON setup.py build_ext --inplace)
 }
 
@@ -123,8 +124,8 @@ built_with_cuda() {
 
 if [[ "$MODE" == all ]] || ! built_with_cuda; then
   if dry; then
-    # No nvcc work in a dry run: the same copy-and-build, CPU kernels only.
-    step "build (dry: CPU only)" 300 "$OUT_DIR/build.log" env CKBN_CUDA=0 MAX_JOBS=2 bash -c "$(declare -f build_copy); build_copy"
+    # No nvcc work in a dry run: the same copy-and-build, CPU kernels only (slower on a small machine).
+    step "build (dry: CPU only)" 900 "$OUT_DIR/build.log" env CKBN_CUDA=0 MAX_JOBS=2 bash -c "$(declare -f build_copy); build_copy"
   else
     step build 300 "$OUT_DIR/build.log" \
       env CKBN_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 bash -c "$(declare -f build_copy); build_copy"

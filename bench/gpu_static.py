@@ -1,6 +1,7 @@
 """Static model of ckbn's CUDA kernels on sm_90 (H100/H200), computed without a GPU.
 
     python bench/gpu_static.py [--check] [--library PATH] [--out bench/results] [--no-emulator]
+    python bench/gpu_static.py --traffic-only [--check]   (no sm_90 code needed: the emulator alone)
 
 It reads the sm_90 code in the built ckbn._C (cuobjdump -res-usage and -sass; nvdisasm must be
 on PATH or in the nvidia-cuda-nvdisasm wheel) and runs the host emulator of tests/cuda_emulation
@@ -390,7 +391,7 @@ def judge_plans(plans: List[dict], kernels: Dict[str, Kernel]) -> List[dict]:
             waves = blocks / capacity if capacity else float("inf")
             last = (blocks - (math.ceil(blocks / capacity) - 1) * capacity) / capacity if capacity else 0.0
             streams = short(l["kernel"]).startswith(("reduce_", "elementwise_"))
-            grid_stride = bool(l.get("grid_stride", False))
+            grid_stride = l.get("grid_stride", -1) == 1  # -1: no kernel argument says
             problems = []
             if k is None:
                 problems.append("kernel not found in the sm_90 code")
@@ -473,7 +474,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--library", help="path of ckbn._C (default: the in-place build, else the installed one)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="directory of the report")
     parser.add_argument("--no-emulator", action="store_true", help="skip traffic and launch plans")
+    parser.add_argument("--traffic-only", action="store_true", help="only the emulator's traffic (no report file)")
     args = parser.parse_args(argv)
+    if args.traffic_only:
+        traffic = emulate("traffic", [], {})["cases"]
+        name_launches([traffic])
+        rows = judge_traffic(traffic)
+        for r in rows:
+            print(f"{'ok  ' if not r['problems'] else 'FAIL'} {r['case']} {r['dtype']} {r['op']}: reads {r['reads']:.2f}, "
+                  f"writes {r['writes']:.2f}, design {r['design']}" + "".join(f"; {p}" for p in r["problems"]))
+        return 1 if args.check and any(r["problems"] for r in rows) else 0
 
     cuobjdump, nvdisasm = tool("cuobjdump"), tool("nvdisasm")
     library = find_library(args.library)

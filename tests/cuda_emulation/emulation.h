@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cstddef>
 #include <cstdint>
@@ -63,8 +64,9 @@ inline thread_local bool in_kernel = false;  // this thread is running kernel co
 
 // Set by an observer of launches (traffic.cpp); all optional.
 struct LaunchHooks {
-  // Before a launch, on the launching thread: false skips running it.
-  bool (*begin)(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes) = nullptr;
+  // Before a launch, on the launching thread: false skips running it. grid_stride: 1 if a block
+  // takes several work units, 0 if not, -1 if no kernel argument says (see grid_stride_of).
+  bool (*begin)(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes, int grid_stride) = nullptr;
   void (*end)() = nullptr;  // after the launch's last block
   // Resident blocks per multiprocessor for a kernel, block size and dynamic shared memory.
   int (*occupancy)(const void* kernel, int block_threads, std::size_t shared_bytes) = nullptr;
@@ -80,18 +82,35 @@ inline long env_or(const char* name, long fallback) {
 inline int multiprocessors() { return static_cast<int>(env_or("CKBN_EMULATED_SMS", 4)); }
 inline long l2_bytes() { return env_or("CKBN_EMULATED_L2_BYTES", 50L << 20); }
 
+// Whether a kernel argument describes a grid-stride launch: its `grid_stride` flag, or more
+// `units` of work than the grid has blocks; -1 if it has neither.
+template <typename T>
+int grid_stride_of(const T& arg, long blocks) {
+  if constexpr (requires { static_cast<bool>(arg.grid_stride); }) {
+    return arg.grid_stride ? 1 : 0;
+  } else if constexpr (requires { static_cast<long>(arg.units); }) {
+    return static_cast<long>(arg.units) > blocks ? 1 : 0;
+  } else {
+    return -1;
+  }
+}
+
 // Runs kernel(args...) over the grid. One std::thread per CUDA thread of a block, created once per
 // launch; each block gets fresh barriers, since threads that exit early drop out of them.
 template <typename... Params, typename... Args>
 void launch(dim3 grid, dim3 block, std::size_t shared_bytes, void* /*stream*/,
             void (*kernel)(Params...), Args&&... args) {
   const std::tuple<Params...> params(std::forward<Args>(args)...);
-  if (hooks.begin != nullptr &&
-      !hooks.begin(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes)) {
-    return;
+  const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
+  if (hooks.begin != nullptr) {
+    int grid_stride = -1;
+    std::apply([&](const auto&... arg) { ((grid_stride = std::max(grid_stride, grid_stride_of(arg, blocks))), ...); },
+               params);
+    if (!hooks.begin(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, grid_stride)) {
+      return;
+    }
   }
   const int threads = static_cast<int>(block.x * block.y * block.z);
-  const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
   std::unique_ptr<BlockSync> sync;
   std::barrier<> start(threads + 1);
   std::barrier<> done(threads + 1);

@@ -43,6 +43,7 @@ struct Launch {
   std::uintptr_t kernel_offset;  // kernel address minus the library's load address
   dim3 grid, block;
   long shared_bytes;
+  int grid_stride;
   Counts counts;
 };
 
@@ -111,10 +112,10 @@ CKBN_NOT_INSTRUMENTED void count_access(std::uintptr_t address, std::size_t size
   emu::in_kernel = true;
 }
 
-bool on_launch_begin(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes) {
+bool on_launch_begin(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes, int grid_stride) {
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.mutex);
-  s.launches.push_back(Launch{library_offset(kernel), grid, block, static_cast<long>(shared_bytes), {}});
+  s.launches.push_back(Launch{library_offset(kernel), grid, block, static_cast<long>(shared_bytes), grid_stride, {}});
   s.ranges.clear();
   s.seen.clear();
   s.counts = Counts{};
@@ -214,8 +215,8 @@ void set_occupancy(std::vector<int64_t> kernel_offsets, std::vector<int64_t> blo
   }
 }
 
-// The launches since the last call, 16 numbers each: kernel offset, grid xyz, block xyz, dynamic
-// shared bytes, then accessed read/write and distinct read/write bytes of large allocations, then
+// The launches since the last call, 17 numbers each: kernel offset, grid xyz, block xyz, dynamic
+// shared bytes, grid-stride (1, 0, -1: unknown), then accessed read/write and distinct read/write bytes of large allocations, then
 // the same four of the others.
 std::vector<int64_t> take_launches() {
   State& s = state();
@@ -228,6 +229,7 @@ std::vector<int64_t> take_launches() {
       out.push_back(static_cast<int64_t>(v));
     }
     out.push_back(l.shared_bytes);
+    out.push_back(l.grid_stride);
     for (int large : {1, 0}) {
       out.insert(out.end(), {l.counts.accessed[large][0], l.counts.accessed[large][1],
                              l.counts.distinct[large][0], l.counts.distinct[large][1]});

@@ -34,7 +34,7 @@ NAME = "ckbn_cuda_traffic"
 BUILD_DIR = os.path.join(build.ROOT, "build", "cuda_emulation_traffic")
 COUNT_FLAGS = ["-fsanitize=address", "--param=asan-instrumentation-with-call-threshold=0",
                "--param=asan-stack=0", "--param=asan-globals=0"]
-RECORD = 16  # numbers per launch from take_launches
+RECORD = 17  # numbers per launch from take_launches
 
 # Shapes taking each path of the kernels on the emulated 4-SM device: (label, shape, layout).
 TRAFFIC_CASES = [
@@ -99,9 +99,9 @@ def take(symbols: dict) -> list:
         r = flat[i:i + RECORD]
         launches.append({
             "kernel": symbols.get(r[0], f"?+{r[0]:#x}"),
-            "grid": r[1:4], "block": r[4:7], "shared_bytes": r[7],
-            "large": {"read": r[8], "write": r[9], "read_distinct": r[10], "write_distinct": r[11]},
-            "small": {"read": r[12], "write": r[13], "read_distinct": r[14], "write_distinct": r[15]},
+            "grid": r[1:4], "block": r[4:7], "shared_bytes": r[7], "grid_stride": r[8],
+            "large": {"read": r[9], "write": r[10], "read_distinct": r[11], "write_distinct": r[12]},
+            "small": {"read": r[13], "write": r[14], "read_distinct": r[15], "write_distinct": r[16]},
         })
     return launches
 
