@@ -1,8 +1,8 @@
 // Declarations shared by the ckbn backends: argument checks and the memory layouts kernels see.
 //
 // Schemas live in ops.cpp (TORCH_LIBRARY(ckbn, m)); each backend registers its kernels beside them
-// in its own TORCH_LIBRARY_IMPL block (cpu/batch_norm.cpp, cuda/batch_norm.cu). Every kernel calls
-// the checks below before it touches memory, so bad input is a RuntimeError on every backend.
+// in its own TORCH_LIBRARY_IMPL blocks (cpu/batch_norm.cpp, the op files of cuda/). Every kernel
+// calls the checks below before it touches memory, so bad input is a RuntimeError on every backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -2,7 +2,7 @@
 
     CKBN_BACKEND=reference python tests/cuda_emulation/check_kernels.py [-k SUBSTRING] [--dtypes float32,...]
 
-The shapes are chosen so that every path of batch_norm.cu runs: scalar and vector loads, channel
+The shapes are chosen so that every path of csrc/cuda runs: scalar and vector loads, channel
 tiles that C does not fill, channels split across blocks (batch and spatial splits, staged partial
 results) and whole channels in one block (the fused backward), 2-D to 5-D input, storage offsets,
 empty input. Exits with status 1 if any case differs from the reference.
@@ -120,7 +120,7 @@ def run_case(label, shape, layout, dtype, gen, failures):
                 ref.normalize(x, mean, invstd, weight, bias), out_tol, failures)
         for train, mask in ((True, [True, True, True]), (True, [True, False, False]),
                             (False, [True, True, True]), (False, [True, False, False]),
-                            (False, [False, True, True])):
+                            (False, [False, True, True]), (True, [False] * 3), (False, [False] * 3)):
             got = ops.backward(dy, x, mean, invstd, weight, train, mask)
             want = ref.backward(dy, x, mean, invstd, weight, train, mask)
             # grad_weight and grad_bias are sums over the batch: compare relative to their size.

@@ -1,4 +1,5 @@
-// CUDA kernels of the ckbn operators, registered for the CUDA dispatch key.
+// What the CUDA translation units of ckbn share: launch constants, the element-wise operations and
+// reductions, the kernels that run them, launch planning and operator argument handling.
 //
 // Kernels see input in one of the two layouts of ckbn.h:
 //   ChannelPlanes [N][C][S]: a block owns one channel (blockIdx.x) and walks part of its N x S
@@ -13,7 +14,14 @@
 //     sum(dy * (x - mean)) for the backward), optionally followed, when one block holds a whole
 //     channel, by the element-wise grad_input pass (fused backward);
 //   elementwise_*: normalize and grad_input.
-// Every formula comes from math.h; this file decides only which thread visits which element.
+// Every formula comes from math.h; these files decide only which thread visits which element.
+//
+// Templates here are instantiated by the operator files, one op family per translation unit so
+// that they compile in parallel: stats.cu (batch_stats), normalize.cu, backward.cu (the three
+// backward operators, whose kernels are instantiated in grad_reduction.cu and
+// grad_elementwise.cu), running_stats.cu (update_running_stats).
+#pragma once
+
 #include "ckbn.h"
 #include "math.h"
 
@@ -22,7 +30,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -33,7 +40,7 @@
 #include <type_traits>
 
 namespace ckbn {
-namespace {
+namespace gpu {
 
 // Threads of every reduction and element-wise block.
 constexpr int kThreads = 512;
@@ -654,73 +661,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_rows_ke
   });
 }
 
-// A running buffer of any floating dtype (the module may keep them in half, or in float beside
-// double input), possibly strided: it is updated in place, so it cannot be copied.
-struct RunningBuffer {
-  enum class Kind : int { Double, Float, Half, BFloat16 };
-  void* data;
-  int64_t stride;
-  Kind kind;
-
-  template <typename acc_t>
-  __device__ __forceinline__ acc_t load(int64_t i) const {
-    switch (kind) {
-      case Kind::Double:
-        return static_cast<acc_t>(static_cast<const double*>(data)[i * stride]);
-      case Kind::Float:
-        return static_cast<acc_t>(static_cast<const float*>(data)[i * stride]);
-      case Kind::Half:
-        return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(data)[i * stride]));
-      default:
-        return static_cast<acc_t>(
-            static_cast<float>(static_cast<const at::BFloat16*>(data)[i * stride]));
-    }
-  }
-  template <typename acc_t>
-  __device__ __forceinline__ void store(int64_t i, acc_t v) const {
-    switch (kind) {
-      case Kind::Double:
-        static_cast<double*>(data)[i * stride] = static_cast<double>(v);
-        break;
-      case Kind::Float:
-        static_cast<float*>(data)[i * stride] = static_cast<float>(v);
-        break;
-      case Kind::Half:
-        static_cast<at::Half*>(data)[i * stride] = at::Half(static_cast<float>(v));
-        break;
-      default:
-        static_cast<at::BFloat16*>(data)[i * stride] = at::BFloat16(static_cast<float>(v));
-        break;
-    }
-  }
-};
-
-// One block: num_batches_tracked is read on the device, so the host never waits for it.
-template <typename acc_t>
-__global__ void update_running_stats_kernel(RunningBuffer running_mean, RunningBuffer running_var,
-                                            int64_t* num_batches_tracked, const acc_t* mean,
-                                            const acc_t* invstd, int64_t channels,
-                                            bool has_momentum, acc_t momentum, acc_t eps,
-                                            int64_t count) {
-  const int64_t batches = *num_batches_tracked + 1;
-  const acc_t factor = math::average_factor(has_momentum, momentum, batches);
-  for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
-    running_mean.store(c, math::running_average(running_mean.load<acc_t>(c), mean[c], factor));
-    const acc_t unbiased_var = math::unbiased_var_from_invstd(invstd[c], eps, count);
-    running_var.store(c, math::running_average(running_var.load<acc_t>(c), unbiased_var, factor));
-  }
-  __syncthreads();  // every thread has read the old count before it changes
-  if (threadIdx.x == 0) {
-    *num_batches_tracked = batches;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side: launch shapes.
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int64_t next_pow2(int64_t v) {
+inline int64_t next_pow2(int64_t v) {
   int64_t p = 1;
   while (p < v) {
     p <<= 1;
@@ -728,11 +674,11 @@ int64_t next_pow2(int64_t v) {
   return p;
 }
 
-int64_t clamp_splits(int64_t v, int64_t hi) { return v < 1 ? 1 : (v > hi ? hi : v); }
+inline int64_t clamp_splits(int64_t v, int64_t hi) { return v < 1 ? 1 : (v > hi ? hi : v); }
 
 // Two waves of resident blocks: enough to fill the GPU, few enough that split reductions stay
 // cheap to merge.
-int64_t target_blocks(const at::Tensor& on) {
+inline int64_t target_blocks(const at::Tensor& on) {
   constexpr int kMaxDevices = 64;
   static std::array<std::atomic<int>, kMaxDevices> multiprocessors{};  // 0: not asked yet
   const int device = on.get_device();
@@ -749,7 +695,7 @@ int64_t target_blocks(const at::Tensor& on) {
 
 // `wide` when the contiguous extent is a multiple of it and every pointer is aligned to a load of
 // `wide` elements, else 1 (odd spatial sizes or channel counts, storage offsets).
-int vector_width(int64_t contiguous, int wide, int64_t element_size,
+inline int vector_width(int64_t contiguous, int wide, int64_t element_size,
                  std::initializer_list<const void*> pointers) {
   if (contiguous % wide != 0) {
     return 1;
@@ -911,7 +857,7 @@ struct KernelInput {
   Geometry geometry;
 };
 
-c10::optional<at::Tensor> contiguous_if_defined(const c10::optional<at::Tensor>& t) {
+inline c10::optional<at::Tensor> contiguous_if_defined(const c10::optional<at::Tensor>& t) {
   if (t.has_value() && t->defined()) {
     return t->contiguous();
   }
@@ -947,7 +893,7 @@ ChannelOutput<scalar_t, acc_t> channel_output(const at::Tensor& t, bool wanted) 
 // The memory format ckbn gives element-wise outputs (see reference._memory_format): channels_last
 // input keeps it, everything else is contiguous. Kernels write in the kernel view's layout, which
 // differs only for C-innermost input of other ranks.
-at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
+inline at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
   auto format = at::MemoryFormat::Contiguous;
   if (!input.is_contiguous()) {
     if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
@@ -960,269 +906,15 @@ at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& input) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Operators.
 
-std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, double eps) {
-  constexpr const char* op = "ckbn::batch_stats";
-  check_batch_stats_args(input);
-  const KernelInput kin(input, op);
-  const at::Tensor& view = kin.view;
-  const Geometry& g = kin.geometry;
-  const auto options = input.options().dtype(stats_dtype(input.scalar_type()));
-  at::Tensor mean = at::empty({g.channels}, options);
-  at::Tensor invstd = at::empty({g.channels}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_batch_stats", [&] {
-    using acc_t = acc_type<scalar_t>;
-    if (view.numel() == 0) {
-      mean.zero_();
-      invstd.fill_(math::invstd_from_var<acc_t>(acc_t(0), static_cast<acc_t>(eps)));
-      return;
-    }
-    const StatsReduction<scalar_t, acc_t> red{view.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
-                                              invstd.data_ptr<acc_t>(), static_cast<acc_t>(eps)};
-    run_reduction(red, make_plan<scalar_t>(g, {red.x}, kReduceElementsPerThread, view), view);
-  });
-  return {mean, invstd};
-}
+// The backward's kernels, instantiated for each dtype in grad_reduction.cu and grad_elementwise.cu
+// (rather than in backward.cu) so that the largest op family compiles as two parallel units.
+template <typename scalar_t>
+void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>>& red, const LaunchPlan& p,
+                        const at::Tensor& like);
+template <typename scalar_t>
+void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>>& op,
+                          const LaunchPlan& p);
 
-at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
-                          const c10::optional<at::Tensor>& weight,
-                          const c10::optional<at::Tensor>& bias) {
-  constexpr const char* op = "ckbn::normalize";
-  check_normalize_args(input, mean, invstd, weight, bias);
-  const KernelInput kin(input, op);
-  const at::Tensor& view = kin.view;
-  const Geometry& g = kin.geometry;
-  at::Tensor out = at::empty_like(view);
-  if (view.numel() == 0) {
-    return in_output_format(out, input);
-  }
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
-  const auto weight_c = contiguous_if_defined(weight);
-  const auto bias_c = contiguous_if_defined(bias);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_normalize", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const NormalizeElementwise<scalar_t, acc_t> element{
-        view.const_data_ptr<scalar_t>(),       out.data_ptr<scalar_t>(),
-        mean_c.const_data_ptr<acc_t>(),        invstd_c.const_data_ptr<acc_t>(),
-        channel_param<scalar_t, acc_t>(weight_c, 1.0), channel_param<scalar_t, acc_t>(bias_c, 0.0)};
-    run_elementwise(element, make_plan<scalar_t>(g, {element.x, element.out},
-                                                 kElementwiseElementsPerThread, view));
-  });
-  return in_output_format(out, input);
-}
-
-RunningBuffer running_buffer(const at::Tensor& t) {
-  RunningBuffer b{t.data_ptr(), t.numel() > 0 ? t.stride(0) : 1, RunningBuffer::Kind::Float};
-  switch (t.scalar_type()) {
-    case at::kDouble:
-      b.kind = RunningBuffer::Kind::Double;
-      break;
-    case at::kFloat:
-      b.kind = RunningBuffer::Kind::Float;
-      break;
-    case at::kHalf:
-      b.kind = RunningBuffer::Kind::Half;
-      break;
-    case at::kBFloat16:
-      b.kind = RunningBuffer::Kind::BFloat16;
-      break;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "unchecked running buffer dtype ", t.scalar_type());
-  }
-  return b;
-}
-
-void update_running_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
-                               const at::Tensor& num_batches_tracked, const at::Tensor& mean,
-                               const at::Tensor& invstd, c10::optional<double> momentum, double eps,
-                               int64_t count) {
-  constexpr const char* op = "ckbn::update_running_stats";
-  check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd,
-                                  count);
-  TORCH_CHECK(mean.is_cuda(), op, ": expected mean on a CUDA device, but got ", mean.device());
-  const c10::cuda::CUDAGuard guard(mean.device());
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ckbn_update_running_stats", [&] {
-    using acc_t = scalar_t;
-    update_running_stats_kernel<acc_t><<<1, kThreads, 0, stream>>>(
-        running_buffer(running_mean), running_buffer(running_var),
-        num_batches_tracked.data_ptr<int64_t>(), mean_c.const_data_ptr<acc_t>(),
-        invstd_c.const_data_ptr<acc_t>(), mean.numel(), momentum.has_value(),
-        static_cast<acc_t>(momentum.value_or(0.0)), static_cast<acc_t>(eps), count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-// Shared by backward and backward_elemt: grad_input of `view` (dy already in view's strides)
-// through `element`, whose output pointer is filled in here.
-template <typename Element>
-void run_grad_input(Element element, const at::Tensor& grad_input, const Geometry& g,
-                    const at::Tensor& view) {
-  using scalar_t = typename Element::scalar_type;
-  element.out = grad_input.data_ptr<scalar_t>();
-  run_elementwise(element, make_plan<scalar_t>(g, {element.x, element.dy, element.out},
-                                               kElementwiseElementsPerThread, view));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
-    const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool train,
-    std::array<bool, 3> output_mask) {
-  constexpr const char* op = "ckbn::backward";
-  check_backward_args(grad_output, input, mean, invstd, weight);
-  const KernelInput kin(input, op);
-  const at::Tensor& view = kin.view;
-  const Geometry& g = kin.geometry;
-  const bool need_input = output_mask[0];
-  const bool need_weight = output_mask[1];
-  const bool need_bias = output_mask[2];
-  const at::Tensor dy = match_strides(grad_output, view);
-  const auto weight_c = contiguous_if_defined(weight);
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
-  const auto param_options =
-      mean.options().dtype(weight_c.has_value() ? weight_c->scalar_type() : mean.scalar_type());
-  at::Tensor grad_input = need_input ? at::empty_like(view) : input.new_empty({0});
-  at::Tensor grad_weight = at::empty({need_weight ? g.channels : 0}, param_options);
-  at::Tensor grad_bias = at::empty({need_bias ? g.channels : 0}, param_options);
-  const bool needs_reduction = train || need_weight || need_bias;
-
-  if (view.numel() == 0) {
-    grad_weight.zero_();
-    grad_bias.zero_();
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward", [&] {
-      using acc_t = acc_type<scalar_t>;
-      BackwardElementwise<scalar_t, acc_t> element{view.const_data_ptr<scalar_t>(),
-                                                   dy.const_data_ptr<scalar_t>(),
-                                                   nullptr,
-                                                   mean_c.const_data_ptr<acc_t>(),
-                                                   invstd_c.const_data_ptr<acc_t>(),
-                                                   channel_param<scalar_t, acc_t>(weight_c, 1.0),
-                                                   nullptr,
-                                                   nullptr,
-                                                   static_cast<acc_t>(g.per_channel()),
-                                                   train};
-      if (!needs_reduction) {
-        run_grad_input(element, grad_input, g, view);
-        return;
-      }
-      const LaunchPlan plan = make_plan<scalar_t>(
-          g, {element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr},
-          kReduceElementsPerThread, view);
-      // One block per channel (or channel tile) holds the whole reduction: grad_input can follow
-      // in the same kernel, while the channel's data is still in L2.
-      const bool fused = need_input && plan.splits == 1;
-      GradReduction<scalar_t, acc_t> red{element.x,
-                                         element.dy,
-                                         element.mean,
-                                         element.invstd,
-                                         nullptr,
-                                         nullptr,
-                                         channel_output<scalar_t, acc_t>(grad_weight, need_weight),
-                                         channel_output<scalar_t, acc_t>(grad_bias, need_bias),
-                                         element};
-      at::Tensor sums;
-      if (fused) {
-        red.element.out = grad_input.data_ptr<scalar_t>();
-      } else if (need_input && train) {
-        sums = at::empty({2, g.channels}, mean_c.options());
-        red.sum_dy = sums[0].data_ptr<acc_t>();
-        red.sum_dy_xmu = sums[1].data_ptr<acc_t>();
-        element.dy_term = red.sum_dy;
-        element.dy_xmu_term = red.sum_dy_xmu;
-      }
-      run_reduction(red, plan, view);
-      if (need_input && !fused) {
-        run_grad_input(element, grad_input, g, view);
-      }
-    });
-  }
-  if (need_input) {
-    grad_input = in_output_format(grad_input, input);
-  }
-  return {grad_input, grad_weight, grad_bias};
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_output,
-                                                        const at::Tensor& input,
-                                                        const at::Tensor& mean) {
-  constexpr const char* op = "ckbn::backward_reduce";
-  check_backward_reduce_args(grad_output, input, mean);
-  const KernelInput kin(input, op);
-  const at::Tensor& view = kin.view;
-  const Geometry& g = kin.geometry;
-  const at::Tensor dy = match_strides(grad_output, view);
-  const at::Tensor mean_c = mean.contiguous();
-  at::Tensor sum_dy = at::empty({g.channels}, mean_c.options());
-  at::Tensor sum_dy_xmu = at::empty({g.channels}, mean_c.options());
-  if (view.numel() == 0) {
-    sum_dy.zero_();
-    sum_dy_xmu.zero_();
-    return {sum_dy, sum_dy_xmu};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward_reduce", [&] {
-    using acc_t = acc_type<scalar_t>;
-    GradReduction<scalar_t, acc_t> red{};
-    red.x = view.const_data_ptr<scalar_t>();
-    red.dy = dy.const_data_ptr<scalar_t>();
-    red.mean = mean_c.const_data_ptr<acc_t>();
-    red.sum_dy = sum_dy.data_ptr<acc_t>();
-    red.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
-    run_reduction(red, make_plan<scalar_t>(g, {red.x, red.dy}, kReduceElementsPerThread, view),
-                  view);
-  });
-  return {sum_dy, sum_dy_xmu};
-}
-
-at::Tensor backward_elemt_cuda(const at::Tensor& grad_output, const at::Tensor& input,
-                               const at::Tensor& mean, const at::Tensor& invstd,
-                               const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
-                               const at::Tensor& mean_dy_xmu) {
-  constexpr const char* op = "ckbn::backward_elemt";
-  check_backward_elemt_args(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu);
-  const KernelInput kin(input, op);
-  const at::Tensor& view = kin.view;
-  const Geometry& g = kin.geometry;
-  const at::Tensor dy = match_strides(grad_output, view);
-  at::Tensor grad_input = at::empty_like(view);
-  if (view.numel() == 0) {
-    return in_output_format(grad_input, input);
-  }
-  const auto weight_c = contiguous_if_defined(weight);
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
-  const at::Tensor mean_dy_c = mean_dy.contiguous();
-  const at::Tensor mean_dy_xmu_c = mean_dy_xmu.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward_elemt", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const BackwardElementwise<scalar_t, acc_t> element{view.const_data_ptr<scalar_t>(),
-                                                       dy.const_data_ptr<scalar_t>(),
-                                                       nullptr,
-                                                       mean_c.const_data_ptr<acc_t>(),
-                                                       invstd_c.const_data_ptr<acc_t>(),
-                                                       channel_param<scalar_t, acc_t>(weight_c, 1.0),
-                                                       mean_dy_c.const_data_ptr<acc_t>(),
-                                                       mean_dy_xmu_c.const_data_ptr<acc_t>(),
-                                                       acc_t(1),
-                                                       true};
-    run_grad_input(element, grad_input, g, view);
-  });
-  return in_output_format(grad_input, input);
-}
-
-}  // namespace
+}  // namespace gpu
 }  // namespace ckbn
-
-TORCH_LIBRARY_IMPL(ckbn, CUDA, m) {
-  m.impl("batch_stats", &ckbn::batch_stats_cuda);
-  m.impl("normalize", &ckbn::normalize_cuda);
-  m.impl("update_running_stats", &ckbn::update_running_stats_cuda);
-  m.impl("backward", &ckbn::backward_cuda);
-  m.impl("backward_reduce", &ckbn::backward_reduce_cuda);
-  m.impl("backward_elemt", &ckbn::backward_elemt_cuda);
-}
