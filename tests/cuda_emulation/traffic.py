@@ -130,6 +130,7 @@ def operator_calls(x, dy, fill: bool):
         ("backward train", lambda: ops.backward(dy, x, mean, invstd, weight, True, [True, True, True])),
         ("backward eval grad_input", lambda: ops.backward(dy, x, mean, invstd, weight, False, [True, False, False])),
         ("backward eval grad_weight", lambda: ops.backward(dy, x, mean, invstd, weight, False, [False, True, True])),
+        ("backward eval nothing", lambda: ops.backward(dy, x, mean, invstd, weight, False, [False, False, False])),
         ("backward_reduce", lambda: ops.backward_reduce(dy, x, mean)),
         ("backward_elemt", lambda: ops.backward_elemt(dy, x, mean, invstd, weight, sums, sums)),
         ("update_running_stats", lambda: ops.update_running_stats(
