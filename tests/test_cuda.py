@@ -26,6 +26,10 @@ SHAPES = {
     "cross-block": (64, 4, 128, 128),  # a channel split across blocks, partial results merged
     "batchnorm1d": (512, 100),
     "unit-spatial": (32, 48, 1, 1),  # contiguous, read as [N][C]
+    "spatial-4": (8, 24, 14, 14),  # 16-bit NCHW: 8-byte loads (S % 8 != 0)
+    "spatial-2": (8, 16, 5, 6),  # 16-bit NCHW: 4-byte loads, fp32 8-byte loads
+    "wide-few-rows": (8, 2048, 7, 7),  # channels_last: many row splits, a parallel finalize
+    "many-channels": (4, 1500, 3, 3),  # more units than resident blocks: grid-stride loops
 }
 # Output tolerance per dtype; statistics are float32 (float64 for float64 input).
 TOL = {
@@ -191,21 +195,23 @@ def test_training_step_matches_torch_float64(shape, layout):
         torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("offset", [1, 2, 4], ids=lambda n: f"offset{n}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_misaligned_storage(layout, dtype):
-    """Input and grad_output starting one element into their storage: the scalar fallback."""
+def test_misaligned_storage(layout, dtype, offset):
+    """Input and grad_output starting `offset` elements into their storage: loads only as wide as
+    that alignment allows (down to scalars for one element)."""
     shape = (8, 16, 8, 8)
     base = sample(shape, dtype, layout)
 
     def shifted(t):
-        storage = torch.empty(t.numel() + 1, device="cuda", dtype=dtype)
+        storage = torch.empty(t.numel() + offset, device="cuda", dtype=dtype)
         order = t.movedim(1, -1) if layout == "channels_last" else t
-        view = storage[1:].view(order.shape)
+        view = storage[offset:].view(order.shape)
         view.copy_(order)
         return view.movedim(-1, 1) if layout == "channels_last" else view
 
     x, dy = shifted(base), shifted(sample(shape, dtype, layout, seed=2))
-    assert x.data_ptr() % 16 != 0
+    assert x.storage_offset() == offset
     mean, invstd = ops.batch_stats(x, EPS)
     ref_mean, ref_invstd = ref.batch_stats(x, EPS)
     torch.testing.assert_close(mean, ref_mean, **stats_tol(dtype))

@@ -10,13 +10,13 @@ namespace {
 
 // Shared by backward and backward_elemt: grad_input of `view` (dy already in view's strides)
 // through `element`, whose output pointer is filled in here.
-template <typename Element>
-void run_grad_input(Element element, const at::Tensor& grad_input, const Geometry& g,
-                    const at::Tensor& view) {
-  using scalar_t = typename Element::scalar_type;
+template <typename scalar_t>
+void run_grad_input(BackwardElementwise<scalar_t, acc_type<scalar_t>> element,
+                    const at::Tensor& grad_input, const Geometry& g, const at::Tensor& view) {
   element.out = grad_input.data_ptr<scalar_t>();
-  run_grad_elementwise(element, make_plan<scalar_t>(g, {element.x, element.dy, element.out},
-                                                    kElementwiseElementsPerThread, view));
+  run_grad_elementwise(element,
+                       plan_grad_elementwise<scalar_t>(g, {element.x, element.dy, element.out}, view),
+                       g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -63,12 +63,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
         run_grad_input(element, grad_input, g, view);
         return;
       }
-      const LaunchPlan plan = make_plan<scalar_t>(
-          g, {element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr},
-          kReduceElementsPerThread, view);
-      // One block per channel (or channel tile) holds the whole reduction: grad_input can follow
-      // in the same kernel, while the channel's data is still in L2.
-      const bool fused = need_input && plan.splits == 1;
+      const std::initializer_list<const void*> pointers{
+          element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr};
+      const plan::Plan split_plan = plan_grad_reduction<scalar_t>(g, pointers, view);
+      plan::Plan fused_plan;
+      bool fused = false;
+      if (need_input) {
+        // A unit holding a whole channel can write its grad_input in the same kernel, while the
+        // channel's data is still in L2: fused when the planner finds that cheaper.
+        fused_plan = plan_grad_reduction<scalar_t>(g, pointers, view, /*max_splits=*/1);
+        fused = plan::fuse_backward(plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
+                                    plan_grad_elementwise<scalar_t>(g, pointers, view),
+                                    device_info(view.get_device()).l2_bytes);
+      }
       GradReduction<scalar_t, acc_t> red{element.x,
                                          element.dy,
                                          element.mean,
@@ -88,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
         element.dy_term = red.sum_dy;
         element.dy_xmu_term = red.sum_dy_xmu;
       }
-      run_grad_reduction(red, plan, view);
+      run_grad_reduction(red, fused ? fused_plan : split_plan, g, view);
       if (need_input && !fused) {
         run_grad_input(element, grad_input, g, view);
       }
@@ -125,8 +132,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
     red.mean = mean_c.const_data_ptr<acc_t>();
     red.sum_dy = sum_dy.data_ptr<acc_t>();
     red.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
-    run_grad_reduction(red, make_plan<scalar_t>(g, {red.x, red.dy}, kReduceElementsPerThread, view),
-                       view);
+    run_grad_reduction(red, plan_grad_reduction<scalar_t>(g, {red.x, red.dy}, view), g, view);
   });
   return {sum_dy, sum_dy_xmu};
 }

@@ -1,24 +1,33 @@
 // The backward's element-wise grad_input kernels, one instantiation per input dtype; backward.cu
-// launches them through run_grad_elementwise.
+// plans and launches them through these functions.
 #include "kernels.cuh"
 
 namespace ckbn {
 namespace gpu {
 
 template <typename scalar_t>
-void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>>& op,
-                          const LaunchPlan& p) {
-  run_elementwise(op, p);
+plan::Plan plan_grad_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
+                                 const at::Tensor& on) {
+  return plan_elementwise<BackwardElementwise<scalar_t, acc_type<scalar_t>>>(g, pointers, on);
 }
 
-template void run_grad_elementwise<double>(
-    const BackwardElementwise<double, acc_type<double>>&, const LaunchPlan&);
-template void run_grad_elementwise<float>(
-    const BackwardElementwise<float, acc_type<float>>&, const LaunchPlan&);
-template void run_grad_elementwise<at::Half>(
-    const BackwardElementwise<at::Half, acc_type<at::Half>>&, const LaunchPlan&);
-template void run_grad_elementwise<at::BFloat16>(
-    const BackwardElementwise<at::BFloat16, acc_type<at::BFloat16>>&, const LaunchPlan&);
+template <typename scalar_t>
+void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>>& op,
+                          const plan::Plan& p, const Geometry& g) {
+  run_elementwise(op, p, g);
+}
+
+#define CKBN_INSTANTIATE(scalar_t)                                                          \
+  template plan::Plan plan_grad_elementwise<scalar_t>(                                      \
+      const Geometry&, std::initializer_list<const void*>, const at::Tensor&);              \
+  template void run_grad_elementwise<scalar_t>(                                             \
+      const BackwardElementwise<scalar_t, acc_type<scalar_t>>&, const plan::Plan&, const Geometry&);
+
+CKBN_INSTANTIATE(double)
+CKBN_INSTANTIATE(float)
+CKBN_INSTANTIATE(at::Half)
+CKBN_INSTANTIATE(at::BFloat16)
+#undef CKBN_INSTANTIATE
 
 }  // namespace gpu
 }  // namespace ckbn

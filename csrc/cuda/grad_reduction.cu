@@ -1,24 +1,33 @@
 // The backward's reduction kernels (sum(dy), sum(dy * (x - mean)), and the fused grad_input), one
-// instantiation per input dtype; backward.cu launches them through run_grad_reduction.
+// instantiation per input dtype; backward.cu plans and launches them through these functions.
 #include "kernels.cuh"
 
 namespace ckbn {
 namespace gpu {
 
 template <typename scalar_t>
-void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>>& red, const LaunchPlan& p,
-                        const at::Tensor& like) {
-  run_reduction(red, p, like);
+plan::Plan plan_grad_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
+                               const at::Tensor& on, int64_t max_splits) {
+  return plan_reduction<GradReduction<scalar_t, acc_type<scalar_t>>>(g, pointers, on, max_splits);
 }
 
-template void run_grad_reduction<double>(const GradReduction<double, acc_type<double>>&,
-                                        const LaunchPlan&, const at::Tensor&);
-template void run_grad_reduction<float>(const GradReduction<float, acc_type<float>>&,
-                                        const LaunchPlan&, const at::Tensor&);
-template void run_grad_reduction<at::Half>(const GradReduction<at::Half, acc_type<at::Half>>&,
-                                        const LaunchPlan&, const at::Tensor&);
-template void run_grad_reduction<at::BFloat16>(const GradReduction<at::BFloat16, acc_type<at::BFloat16>>&,
-                                        const LaunchPlan&, const at::Tensor&);
+template <typename scalar_t>
+void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>>& red, const plan::Plan& p,
+                        const Geometry& g, const at::Tensor& like) {
+  run_reduction(red, p, g, like);
+}
+
+#define CKBN_INSTANTIATE(scalar_t)                                                              \
+  template plan::Plan plan_grad_reduction<scalar_t>(                                            \
+      const Geometry&, std::initializer_list<const void*>, const at::Tensor&, int64_t);         \
+  template void run_grad_reduction<scalar_t>(const GradReduction<scalar_t, acc_type<scalar_t>>&, \
+                                             const plan::Plan&, const Geometry&, const at::Tensor&);
+
+CKBN_INSTANTIATE(double)
+CKBN_INSTANTIATE(float)
+CKBN_INSTANTIATE(at::Half)
+CKBN_INSTANTIATE(at::BFloat16)
+#undef CKBN_INSTANTIATE
 
 }  // namespace gpu
 }  // namespace ckbn

@@ -1,17 +1,18 @@
-// What the CUDA translation units of ckbn share: launch constants, the element-wise operations and
-// reductions, the kernels that run them, launch planning and operator argument handling.
+// What the CUDA translation units of ckbn share: the element-wise operations and reductions, the
+// kernels that run them, their launch from a plan (launch_plan.h), and operator argument handling.
 //
 // Kernels see input in one of the two layouts of ckbn.h:
-//   ChannelPlanes [N][C][S]: a block owns one channel (blockIdx.x) and walks part of its N x S
-//     elements; S is contiguous, so a warp reads along a plane.
-//   ChannelsLast [rows][C]: a block owns a tile of adjacent channels (blockIdx.x) and walks part of
-//     the rows; a warp reads adjacent channels of a row, which are contiguous.
-// In both, blockIdx.y splits one channel's elements across blocks when a channel alone would leave
-// the GPU idle; those blocks leave partial results in a staging buffer that `finalize_kernel` merges.
+//   ChannelPlanes [N][C][S]: a channel is a tile; its blocks walk planes, and S is contiguous, so
+//     a warp reads along a plane.
+//   ChannelsLast [rows][C]: a tile is a run of adjacent channels; its blocks walk rows, and a warp
+//     reads adjacent channels of a row, which are contiguous.
+// A launch is a list of units, each a tile or one split of a tile (when whole tiles would leave
+// the GPU idle), taken by the blocks in a grid-stride loop. Split reductions leave partial results
+// in a staging buffer that `finalize_kernel` merges.
 //
 // Two kinds of kernel cover the six operators:
 //   reduce_*: per-channel reductions (Welford moments for batch_stats; sum(dy) and
-//     sum(dy * (x - mean)) for the backward), optionally followed, when one block holds a whole
+//     sum(dy * (x - mean)) for the backward), optionally followed, when a unit holds a whole
 //     channel, by the element-wise grad_input pass (fused backward);
 //   elementwise_*: normalize and grad_input.
 // Every formula comes from math.h; these files decide only which thread visits which element.
@@ -23,6 +24,7 @@
 #pragma once
 
 #include "ckbn.h"
+#include "launch_plan.h"
 #include "math.h"
 
 #include <ATen/ATen.h>
@@ -42,36 +44,15 @@
 namespace ckbn {
 namespace gpu {
 
-// Threads of every reduction and element-wise block.
-constexpr int kThreads = 512;
+using plan::kThreads;
 // Register budget: two blocks per multiprocessor (64 registers a thread).
 constexpr int kMinBlocksPerSM = 2;
-// Rows (planes, or channels-last rows) a thread loads before using any, by bytes per load: about
-// 32 bytes per input in flight per thread is what hides DRAM latency at that occupancy.
-__host__ __device__ constexpr int rows_per_tile(int load_bytes) {
-  return load_bytes >= 16 ? 2 : load_bytes >= 8 ? 4 : 8;
-}
-// Elements per vector load. A ChannelPlanes thread reads one channel and takes 16 bytes; a
-// ChannelsLast thread keeps a state per lane (channel), and 8 lanes of 16-bit types would spill.
-template <typename scalar_t>
-constexpr int kPlaneVec = 16 / sizeof(scalar_t);
-template <typename scalar_t>
-constexpr int kRowVec = 16 / sizeof(scalar_t) < 4 ? 16 / sizeof(scalar_t) : 4;
-// Blocks along one channel, at most: keeps grid.y (batch splits x spatial splits) under 65536.
-constexpr int64_t kMaxSplits = 32768;
-// Elements each thread should own before splitting a channel across more blocks pays off.
-constexpr int64_t kReduceElementsPerThread = 64;
-constexpr int64_t kElementwiseElementsPerThread = 16;
-constexpr int kFinalizeThreads = 256;
 constexpr unsigned kFullWarp = 0xffffffffu;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
 
-template <typename T>
-__host__ __device__ __forceinline__ T min_of(T a, T b) {
-  return a < b ? a : b;
-}
+using plan::min_of;
 
 // ---------------------------------------------------------------------------------------------
 // Loads and stores of VEC adjacent elements, converted to and from the accumulation type.
@@ -322,23 +303,29 @@ struct GradReduction {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Which elements a thread visits.
+// Which elements a thread visits. A launch covers `units` units of work, taken by the blocks in
+// turn (block b takes units b, b + gridDim.x, ...: a grid-stride loop when there are more units
+// than blocks); unit u is split u / tiles of channel tile u % tiles.
 
-// ChannelPlanes: blockIdx.y picks a rectangle of batch_chunk planes x spatial_chunk elements.
+// ChannelPlanes: one channel per tile; a split is a rectangle of batch_chunk planes x
+// spatial_chunk elements.
 struct PlaneTiling {
   int64_t batch;
-  int64_t channels;
+  int64_t channels;  // tiles
   int64_t spatial;
   int64_t batch_chunk;
   int64_t spatial_chunk;   // a multiple of the vector width
   int64_t spatial_splits;  // rectangles along spatial for each batch chunk
+  int64_t units;           // channels * splits
 };
 
-// ChannelsLast: blockIdx.y picks row_chunk rows.
+// ChannelsLast: blockDim.x * VEC adjacent channels per tile; a split is row_chunk rows.
 struct RowTiling {
   int64_t rows;
   int64_t channels;
   int64_t row_chunk;
+  int64_t tiles;
+  int64_t units;  // tiles * splits
 };
 
 // A tile: ROWS rows (planes, or channels-last rows) of VEC adjacent elements; row k starts at
@@ -349,11 +336,12 @@ struct Tile {
   int valid;
 };
 
-// Calls f(tile) for each tile this thread owns in channel c: ROWS planes x VEC elements.
+// Calls f(tile) for each tile this thread owns in split `split` of channel c: ROWS planes x VEC
+// elements.
 template <int VEC, int ROWS, typename F>
-__device__ __forceinline__ void visit_planes(const PlaneTiling& t, int64_t c, F&& f) {
-  const int64_t batch_block = blockIdx.y / t.spatial_splits;
-  const int64_t spatial_block = blockIdx.y % t.spatial_splits;
+__device__ __forceinline__ void visit_planes(const PlaneTiling& t, int64_t c, int64_t split, F&& f) {
+  const int64_t batch_block = split / t.spatial_splits;
+  const int64_t spatial_block = split % t.spatial_splits;
   const int64_t n_end = min_of(t.batch, (batch_block + 1) * t.batch_chunk);
   const int64_t s_begin = spatial_block * t.spatial_chunk;
   const int64_t s_end = min_of(t.spatial, s_begin + t.spatial_chunk);
@@ -372,11 +360,11 @@ __device__ __forceinline__ void visit_planes(const PlaneTiling& t, int64_t c, F&
   }
 }
 
-// Calls f(tile) for each tile this thread owns among the channels c0 .. c0 + VEC - 1: ROWS rows x
-// VEC channels.
+// Calls f(tile) for each tile this thread owns in split `split` among the channels c0 .. c0 +
+// VEC - 1: ROWS rows x VEC channels.
 template <int VEC, int ROWS, typename F>
-__device__ __forceinline__ void visit_rows(const RowTiling& t, int64_t c0, F&& f) {
-  const int64_t r_begin = blockIdx.y * t.row_chunk;
+__device__ __forceinline__ void visit_rows(const RowTiling& t, int64_t c0, int64_t split, F&& f) {
+  const int64_t r_begin = split * t.row_chunk;
   const int64_t r_end = min_of(t.rows, r_begin + t.row_chunk);
   const int64_t row_step = blockDim.y;
   for (int64_t r = r_begin + threadIdx.y; r < r_end; r += row_step * ROWS) {
@@ -388,6 +376,11 @@ __device__ __forceinline__ void visit_rows(const RowTiling& t, int64_t c0, F&& f
     f(Tile{r * t.channels + c0, row_step * t.channels, valid});
   }
 }
+
+// Rows a thread of `Op` loads before using any: about 32 bytes in flight, over all its inputs.
+template <typename Op, int VEC>
+constexpr int kRowsPerTile =
+    plan::rows_per_tile(VEC * static_cast<int>(sizeof(typename Op::scalar_type)), Op::kInputs);
 
 // Loads the existing rows of one tile of the op's inputs (x, and dy for two-input ops).
 template <int VEC, int ROWS, typename Op, typename acc_t>
@@ -458,7 +451,9 @@ __device__ __forceinline__ typename Red::State block_reduce(typename Red::State 
     }
   }
   __syncthreads();
-  return shared[0];
+  const typename Red::State total = shared[0];
+  __syncthreads();  // every thread has read the total before the next call overwrites `shared`
+  return total;
 }
 
 // Merges the states of one block column (same threadIdx.x, all threadIdx.y); every thread
@@ -484,353 +479,397 @@ __device__ __forceinline__ typename Red::State column_reduce(typename Red::State
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
-// One channel per blockIdx.x. With gridDim.y == 1 the block finishes the channel (and, for a
-// fused reduction, writes its grad_input); otherwise it leaves its partial state in
-// partial[blockIdx.y][c] for finalize_kernel.
+// One channel per tile. A unit that holds a whole channel (one split) finishes it, and a fused
+// reduction then writes its grad_input; with splits, each unit leaves its partial state in
+// partial[split][c] for finalize_kernel.
 template <typename Red, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     reduce_planes_kernel(const Red red, const PlaneTiling t, typename Red::State* partial) {
   using State = typename Red::State;
   using acc_t = typename Red::acc_t;
-  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Red::scalar_type));
+  constexpr int ROWS = kRowsPerTile<Red, VEC>;
   __shared__ State shared[kThreads / 32];
 
-  const int64_t c = blockIdx.x;
-  const typename Red::Channel channel = red.channel(c);
-  State state = Red::identity();
-  visit_planes<VEC, ROWS>(t, c, [&](const Tile& tile) {
-    acc_t x[ROWS][VEC] = {};
-    acc_t dy[ROWS][VEC] = {};
-    load_tile<VEC, ROWS>(red, tile, x, dy);
-    if (tile.valid == ROWS) {
-      red.template add<ROWS * VEC>(state, &x[0][0], &dy[0][0], channel);
-    } else {
+  const bool split_channels = t.units > t.channels;
+  const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
+  // Every thread of the block runs the same units, so the barriers inside block_reduce are met.
+  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
+    const int64_t c = unit % t.channels;
+    const int64_t split = unit / t.channels;
+    const typename Red::Channel channel = red.channel(c);
+    State state = Red::identity();
+    visit_planes<VEC, ROWS>(t, c, split, [&](const Tile& tile) {
+      acc_t x[ROWS][VEC] = {};
+      acc_t dy[ROWS][VEC] = {};
+      load_tile<VEC, ROWS>(red, tile, x, dy);
+      if (tile.valid == ROWS) {
+        red.template add<ROWS * VEC>(state, &x[0][0], &dy[0][0], channel);
+      } else {
 #pragma unroll
-      for (int k = 0; k < ROWS; ++k) {
-        if (k < tile.valid) {
-          red.template add<VEC>(state, x[k], dy[k], channel);
+        for (int k = 0; k < ROWS; ++k) {
+          if (k < tile.valid) {
+            red.template add<VEC>(state, x[k], dy[k], channel);
+          }
         }
       }
+    });
+    const State total = block_reduce<Red>(state, shared);
+    if (split_channels) {
+      if (leader) {
+        partial[split * t.channels + c] = total;
+      }
+      continue;
     }
-  });
-  const State total = block_reduce<Red>(state, shared);
-
-  const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
-  if (gridDim.y > 1) {
     if (leader) {
-      partial[blockIdx.y * t.channels + c] = total;
+      red.finish(c, total);
     }
-    return;
-  }
-  if (leader) {
-    red.finish(c, total);
-  }
-  if constexpr (Red::kFusable) {
-    if (red.fused()) {
-      const auto coeffs = red.element_coeffs(c, total);
-      visit_planes<VEC, ROWS>(t, c, [&](const Tile& tile) {
-        transform_tile<VEC, ROWS>(red.element, tile, [&](int) { return coeffs; });
-      });
+    if constexpr (Red::kFusable) {
+      if (red.fused()) {
+        const auto coeffs = red.element_coeffs(c, total);
+        visit_planes<VEC, ROWS>(t, c, split, [&](const Tile& tile) {
+          transform_tile<VEC, ROWS>(red.element, tile, [&](int) { return coeffs; });
+        });
+      }
     }
   }
 }
 
-// VEC adjacent channels per thread, blockDim.x * VEC channels per blockIdx.x. Partial results as
-// in reduce_planes_kernel.
+// VEC adjacent channels per thread, blockDim.x * VEC channels per tile. Partial results as in
+// reduce_planes_kernel.
 template <typename Red, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     reduce_rows_kernel(const Red red, const RowTiling t, typename Red::State* partial) {
   using State = typename Red::State;
   using acc_t = typename Red::acc_t;
-  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Red::scalar_type));
+  constexpr int ROWS = kRowsPerTile<Red, VEC>;
   __shared__ State shared[kThreads];
 
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  const bool active = c0 < t.channels;  // C % VEC == 0, so a thread has all VEC channels or none
-  typename Red::Channel channel[VEC];
-  State state[VEC];
+  const bool split_channels = t.units > t.tiles;
+  // Every thread of the block runs the same units, inactive ones (channels past C) included, so
+  // the barriers inside column_reduce are met.
+  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
+    const int64_t split = unit / t.tiles;
+    const int64_t c0 = ((unit % t.tiles) * blockDim.x + threadIdx.x) * VEC;
+    const bool active = c0 < t.channels;  // C % VEC == 0: a thread has all VEC channels or none
+    typename Red::Channel channel[VEC];
+    State state[VEC];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    state[v] = Red::identity();
-    channel[v] = red.channel(active ? c0 + v : 0);
-  }
-  if (active) {
-    visit_rows<VEC, ROWS>(t, c0, [&](const Tile& tile) {
-      acc_t x[ROWS][VEC] = {};
-      acc_t dy[ROWS][VEC] = {};
-      load_tile<VEC, ROWS>(red, tile, x, dy);
+    for (int v = 0; v < VEC; ++v) {
+      state[v] = Red::identity();
+      channel[v] = red.channel(active ? c0 + v : 0);
+    }
+    if (active) {
+      visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
+        acc_t x[ROWS][VEC] = {};
+        acc_t dy[ROWS][VEC] = {};
+        load_tile<VEC, ROWS>(red, tile, x, dy);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        acc_t x_column[ROWS];
-        acc_t dy_column[ROWS];
-#pragma unroll
-        for (int k = 0; k < ROWS; ++k) {
-          x_column[k] = x[k][v];
-          dy_column[k] = dy[k][v];
-        }
-        if (tile.valid == ROWS) {
-          red.template add<ROWS>(state[v], x_column, dy_column, channel[v]);
-        } else {
+        for (int v = 0; v < VEC; ++v) {
+          acc_t x_column[ROWS];
+          acc_t dy_column[ROWS];
 #pragma unroll
           for (int k = 0; k < ROWS; ++k) {
-            if (k < tile.valid) {
-              red.template add<1>(state[v], &x_column[k], &dy_column[k], channel[v]);
+            x_column[k] = x[k][v];
+            dy_column[k] = dy[k][v];
+          }
+          if (tile.valid == ROWS) {
+            red.template add<ROWS>(state[v], x_column, dy_column, channel[v]);
+          } else {
+#pragma unroll
+            for (int k = 0; k < ROWS; ++k) {
+              if (k < tile.valid) {
+                red.template add<1>(state[v], &x_column[k], &dy_column[k], channel[v]);
+              }
             }
           }
         }
-      }
-    });
-  }
-  State total[VEC];
+      });
+    }
+    State total[VEC];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    total[v] = column_reduce<Red>(state[v], shared);
-  }
-  // No block-wide synchronisation below, so inactive threads may leave.
-  if (!active) {
-    return;
-  }
-  if (gridDim.y > 1) {
+    for (int v = 0; v < VEC; ++v) {
+      total[v] = column_reduce<Red>(state[v], shared);
+    }
+    if (!active) {
+      continue;
+    }
+    if (split_channels) {
+      if (threadIdx.y == 0) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          partial[split * t.channels + c0 + v] = total[v];
+        }
+      }
+      continue;
+    }
     if (threadIdx.y == 0) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        partial[blockIdx.y * t.channels + c0 + v] = total[v];
+        red.finish(c0 + v, total[v]);
       }
     }
-    return;
+    if constexpr (Red::kFusable) {
+      if (red.fused()) {
+        decltype(red.element_coeffs(0, total[0])) coeffs[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          coeffs[v] = red.element_coeffs(c0 + v, total[v]);
+        }
+        visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
+          transform_tile<VEC, ROWS>(red.element, tile, [&](int v) { return coeffs[v]; });
+        });
+      }
+    }
   }
-  if (threadIdx.y == 0) {
+}
+
+// Merges the `splits` partial states of each channel left by a split reduce_* launch, in
+// parallel: blockDim.x channels a block, blockDim.y (a power of two) lanes per channel that each
+// merge every blockDim.y-th partial, then a tree over the lanes.
+template <typename Red>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const Red red, const typename Red::State* partial, int64_t splits,
+                    int64_t channels) {
+  using State = typename Red::State;
+  __shared__ State shared[kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  State s = Red::identity();
+  if (c < channels) {
+    for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) {
+      s = Red::merge(s, partial[i * channels + c]);
+    }
+  }
+  // Every thread takes part, channels past the end included: column_reduce has barriers.
+  s = column_reduce<Red>(s, shared);
+  if (c < channels && threadIdx.y == 0) {
+    red.finish(c, s);
+  }
+}
+
+template <typename Op, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    elementwise_planes_kernel(const Op op, const PlaneTiling t) {
+  constexpr int ROWS = kRowsPerTile<Op, VEC>;
+  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
+    const int64_t c = unit % t.channels;
+    const auto coeffs = op.coeffs(c);
+    visit_planes<VEC, ROWS>(t, c, unit / t.channels, [&](const Tile& tile) {
+      transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
+    });
+  }
+}
+
+template <typename Op, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    elementwise_rows_kernel(const Op op, const RowTiling t) {
+  constexpr int ROWS = kRowsPerTile<Op, VEC>;
+  // No barriers here, so threads past the last channel may skip units.
+  for (int64_t unit = blockIdx.x; unit < t.units; unit += gridDim.x) {
+    const int64_t c0 = ((unit % t.tiles) * blockDim.x + threadIdx.x) * VEC;
+    if (c0 >= t.channels) {
+      continue;
+    }
+    typename Op::Coeffs coeffs[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
-      red.finish(c0 + v, total[v]);
+      coeffs[v] = op.coeffs(c0 + v);
     }
+    visit_rows<VEC, ROWS>(t, c0, unit / t.tiles, [&](const Tile& tile) {
+      transform_tile<VEC, ROWS>(op, tile, [&](int v) { return coeffs[v]; });
+    });
   }
-  if constexpr (Red::kFusable) {
-    if (red.fused()) {
-      decltype(red.element_coeffs(0, total[0])) coeffs[VEC];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        coeffs[v] = red.element_coeffs(c0 + v, total[v]);
-      }
-      visit_rows<VEC, ROWS>(t, c0, [&](const Tile& tile) {
-        transform_tile<VEC, ROWS>(red.element, tile, [&](int v) { return coeffs[v]; });
-      });
-    }
-  }
-}
-
-// Merges the partial states of each channel left by split reduce_* blocks and finishes it.
-template <typename Red>
-__global__ void finalize_kernel(const Red red, const typename Red::State* partial, int64_t splits,
-                                int64_t channels) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) {
-    return;
-  }
-  typename Red::State s = partial[c];
-  for (int64_t i = 1; i < splits; ++i) {
-    s = Red::merge(s, partial[i * channels + c]);
-  }
-  red.finish(c, s);
-}
-
-template <typename Op, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_planes_kernel(const Op op, const PlaneTiling t) {
-  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Op::scalar_type));
-  const int64_t c = blockIdx.x;
-  const auto coeffs = op.coeffs(c);
-  visit_planes<VEC, ROWS>(t, c, [&](const Tile& tile) {
-    transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
-  });
-}
-
-template <typename Op, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) elementwise_rows_kernel(const Op op, const RowTiling t) {
-  constexpr int ROWS = rows_per_tile(VEC * sizeof(typename Op::scalar_type));
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (c0 >= t.channels) {
-    return;
-  }
-  typename Op::Coeffs coeffs[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    coeffs[v] = op.coeffs(c0 + v);
-  }
-  visit_rows<VEC, ROWS>(t, c0, [&](const Tile& tile) {
-    transform_tile<VEC, ROWS>(op, tile, [&](int v) { return coeffs[v]; });
-  });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side: launch shapes.
+// Host side: launch plans (launch_plan.h) from the limits of the device.
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int kMaxDevices = 64;
 
-inline int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) {
-    p <<= 1;
-  }
-  return p;
-}
-
-inline int64_t clamp_splits(int64_t v, int64_t hi) { return v < 1 ? 1 : (v > hi ? hi : v); }
-
-// Two waves of resident blocks: enough to fill the GPU, few enough that split reductions stay
-// cheap to merge.
-inline int64_t target_blocks(const at::Tensor& on) {
-  constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> multiprocessors{};  // 0: not asked yet
-  const int device = on.get_device();
-  const bool cached = device >= 0 && device < kMaxDevices;
-  int sms = cached ? multiprocessors[device].load(std::memory_order_relaxed) : 0;
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (cached) {
-      multiprocessors[device].store(sms, std::memory_order_relaxed);
-    }
-  }
-  return static_cast<int64_t>(sms) * kMinBlocksPerSM * 2;
-}
-
-// `wide` when the contiguous extent is a multiple of it and every pointer is aligned to a load of
-// `wide` elements, else 1 (odd spatial sizes or channel counts, storage offsets).
-inline int vector_width(int64_t contiguous, int wide, int64_t element_size,
-                 std::initializer_list<const void*> pointers) {
-  if (contiguous % wide != 0) {
-    return 1;
-  }
-  for (const void* p : pointers) {
-    if (reinterpret_cast<std::uintptr_t>(p) % (wide * element_size) != 0) {
-      return 1;
-    }
-  }
-  return wide;
-}
-
-struct LaunchPlan {
-  Layout layout;
-  int vec;
-  dim3 grid;
-  dim3 block;
-  int64_t splits;  // blocks sharing each channel (gridDim.y)
-  int64_t channels;
-  PlaneTiling planes;
-  RowTiling rows;
+// The device's SM count and L2 size, asked once per device.
+struct DeviceInfo {
+  int multiprocessors;
+  int64_t l2_bytes;
 };
 
-// Block shape, vector width and split of each channel for a kernel over `g` that reads and
-// writes `pointers`. A channel is split across blocks only while each thread keeps at least
-// `elements_per_thread` elements and the grid stays near target_blocks.
-template <typename scalar_t>
-LaunchPlan make_plan(const Geometry& g, std::initializer_list<const void*> pointers,
-                     int64_t elements_per_thread, const at::Tensor& on) {
-  TORCH_CHECK(g.channels < (int64_t{1} << 31), "ckbn: at most 2^31 - 1 channels are supported");
-  const int64_t blocks_wanted = target_blocks(on);
-  LaunchPlan p{};
-  p.layout = g.layout;
-  p.channels = g.channels;
-  if (g.layout == Layout::ChannelPlanes) {
-    p.vec = vector_width(g.spatial, kPlaneVec<scalar_t>, sizeof(scalar_t), pointers);
-    const int64_t spatial_vecs = g.spatial / p.vec;
-    // Narrow planes get narrow rows of threads and more planes per block.
-    const int tx = static_cast<int>(min_of<int64_t>(next_pow2(spatial_vecs), kThreads));
-    const int ty = kThreads / tx;
-    const int64_t rows = rows_per_tile(p.vec * sizeof(scalar_t));
-    const int64_t by_work = g.per_channel() / (kThreads * elements_per_thread);
-    const int64_t splits =
-        clamp_splits(min_of(ceil_div(blocks_wanted, g.channels), by_work), kMaxSplits);
-    const int64_t batch_splits = min_of(splits, ceil_div(g.batch, ty * rows));
-    const int64_t spatial_splits =
-        min_of(ceil_div(splits, batch_splits), ceil_div(spatial_vecs, int64_t{tx}));
-    p.planes = PlaneTiling{g.batch,
-                           g.channels,
-                           g.spatial,
-                           ceil_div(g.batch, batch_splits),
-                           ceil_div(spatial_vecs, spatial_splits) * p.vec,
-                           spatial_splits};
-    p.splits = batch_splits * spatial_splits;
-    p.block = dim3(tx, ty);
-    p.grid = dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(p.splits));
-  } else {
-    p.vec = vector_width(g.channels, kRowVec<scalar_t>, sizeof(scalar_t), pointers);
-    const int64_t channel_vecs = g.channels / p.vec;
-    const int tx = static_cast<int>(min_of<int64_t>(next_pow2(channel_vecs), 32));
-    const int ty = kThreads / tx;
-    const int64_t tiles = ceil_div(channel_vecs, tx);
-    const int64_t by_work = g.rows() * tx * p.vec / (kThreads * elements_per_thread);
-    const int64_t splits = clamp_splits(min_of(ceil_div(blocks_wanted, tiles), by_work),
-                                        min_of(kMaxSplits, ceil_div(g.rows(), int64_t{ty})));
-    p.rows = RowTiling{g.rows(), g.channels, ceil_div(g.rows(), splits)};
-    p.splits = splits;
-    p.block = dim3(tx, ty);
-    p.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+inline DeviceInfo device_info(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> sms{};  // 0: not asked yet
+  static std::array<std::atomic<int>, kMaxDevices> l2{};
+  const bool cached = device >= 0 && device < kMaxDevices;
+  DeviceInfo info{cached ? sms[device].load(std::memory_order_relaxed) : 0,
+                  cached ? l2[device].load(std::memory_order_relaxed) : 0};
+  if (info.multiprocessors == 0) {
+    int l2_bytes = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+    info.l2_bytes = l2_bytes;
+    if (cached) {
+      // Racing callers store the same values.
+      l2[device].store(l2_bytes, std::memory_order_relaxed);
+      sms[device].store(info.multiprocessors, std::memory_order_relaxed);
+    }
   }
-  return p;
+  return info;
 }
 
-// Calls planes(width) or rows(width), by the plan's layout, with width a
-// std::integral_constant holding the plan's vector width (1 or the layout's wide load), and
-// checks the launch it made.
-template <typename scalar_t, typename PlanesLaunch, typename RowsLaunch>
-void launch_for_plan(const LaunchPlan& p, PlanesLaunch&& planes, RowsLaunch&& rows) {
-  if (p.layout == Layout::ChannelPlanes) {
-    if (p.vec == 1) {
-      planes(std::integral_constant<int, 1>{});
-    } else {
-      planes(std::integral_constant<int, kPlaneVec<scalar_t>>{});
-    }
-  } else {
-    if (p.vec == 1) {
-      rows(std::integral_constant<int, 1>{});
-    } else {
-      rows(std::integral_constant<int, kRowVec<scalar_t>>{});
+// Resident blocks per SM of `Kernel` at kThreads threads, asked once per kernel and device (on
+// the current device, which KernelInput's guard has set).
+template <auto Kernel>
+int blocks_per_multiprocessor(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};  // 0: not asked yet
+  const bool cached = device >= 0 && device < kMaxDevices;
+  int blocks = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (blocks == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, 0));
+    blocks = blocks < 1 ? 1 : blocks;
+    if (cached) {
+      cache[device].store(blocks, std::memory_order_relaxed);
     }
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return blocks;
+}
+
+template <auto Kernel>
+plan::DeviceLimits device_limits(int device) {
+  const DeviceInfo info = device_info(device);
+  return plan::DeviceLimits{info.multiprocessors, blocks_per_multiprocessor<Kernel>(device),
+                            info.l2_bytes};
+}
+
+// The planner's view of a kernel over `g` with `inputs` full-size inputs of `element_size` bytes.
+inline plan::Shape plan_shape(const Geometry& g, int element_size, int inputs) {
+  TORCH_CHECK(g.channels < (int64_t{1} << 31), "ckbn: at most 2^31 - 1 channels are supported");
+  return plan::Shape{g.batch, g.channels, g.spatial, g.layout == Layout::ChannelsLast,
+                     element_size, inputs};
+}
+
+// The largest power of two, at most 16, that divides every (non-null) address.
+inline int aligned_bytes(std::initializer_list<const void*> pointers) {
+  int bytes = 16;
+  for (const void* p : pointers) {
+    while (p != nullptr && reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
+      bytes /= 2;
+    }
+  }
+  return bytes;
+}
+
+// Calls f(std::integral_constant<int, vec>) for the plan's vector width, one of 1, 2, 4 ...
+// kWidest: each width a kernel may run with is instantiated, and only those.
+template <int kWidest, typename F>
+void with_vector_width(int vec, F&& f) {
+  if constexpr (kWidest > 1) {
+    if (vec == kWidest) {
+      f(std::integral_constant<int, kWidest>{});
+    } else {
+      with_vector_width<kWidest / 2>(vec, f);
+    }
+  } else {
+    TORCH_INTERNAL_ASSERT(vec == 1, "ckbn: unplanned vector width ", vec);
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Calls rows(width) or planes(width) by the layout, with width a std::integral_constant of the
+// planned vector width: only the widths each layout may plan for kKind are instantiated.
+template <plan::Kind kKind, typename scalar_t, typename Rows, typename Planes>
+void with_layout_width(bool channels_last, int vec, Rows&& rows, Planes&& planes) {
+  constexpr int element_size = sizeof(scalar_t);
+  if (channels_last) {
+    with_vector_width<plan::max_vector_width(kKind, true, element_size)>(vec, rows);
+  } else {
+    with_vector_width<plan::max_vector_width(kKind, false, element_size)>(vec, planes);
+  }
+}
+
+inline PlaneTiling plane_tiling(const plan::Plan& p, const Geometry& g) {
+  return PlaneTiling{g.batch,         g.channels,       g.spatial, p.batch_chunk,
+                     p.spatial_chunk, p.spatial_splits, p.units};
+}
+
+inline RowTiling row_tiling(const plan::Plan& p, const Geometry& g) {
+  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.units};
+}
+
+// The plan of a reduction (at most max_splits blocks per channel tile) over `g` that reads and
+// writes `pointers`.
+template <typename Red>
+plan::Plan plan_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
+                          const at::Tensor& on, int64_t max_splits = plan::kMaxSplits) {
+  const plan::Shape shape = plan_shape(g, sizeof(typename Red::scalar_type), Red::kInputs);
+  const int vec = plan::vector_width(plan::Kind::Reduce, shape, aligned_bytes(pointers));
+  const int device = on.get_device();
+  plan::DeviceLimits limits{};
+  with_layout_width<plan::Kind::Reduce, typename Red::scalar_type>(
+      shape.channels_last, vec,
+      [&](auto w) { limits = device_limits<reduce_rows_kernel<Red, decltype(w)::value>>(device); },
+      [&](auto w) { limits = device_limits<reduce_planes_kernel<Red, decltype(w)::value>>(device); });
+  return plan::plan_launch(plan::Kind::Reduce, shape, vec, limits, max_splits);
+}
+
+template <typename Op>
+plan::Plan plan_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
+                            const at::Tensor& on) {
+  const plan::Shape shape = plan_shape(g, sizeof(typename Op::scalar_type), Op::kInputs);
+  const int vec = plan::vector_width(plan::Kind::Elementwise, shape, aligned_bytes(pointers));
+  const int device = on.get_device();
+  plan::DeviceLimits limits{};
+  with_layout_width<plan::Kind::Elementwise, typename Op::scalar_type>(
+      shape.channels_last, vec,
+      [&](auto w) { limits = device_limits<elementwise_rows_kernel<Op, decltype(w)::value>>(device); },
+      [&](auto w) {
+        limits = device_limits<elementwise_planes_kernel<Op, decltype(w)::value>>(device);
+      });
+  return plan::plan_launch(plan::Kind::Elementwise, shape, vec, limits);
 }
 
 template <typename Red>
-void run_reduction(const Red& red, const LaunchPlan& p, const at::Tensor& like) {
+void run_reduction(const Red& red, const plan::Plan& p, const Geometry& g, const at::Tensor& like) {
   using State = typename Red::State;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor staging;
   State* partial = nullptr;
   if (p.splits > 1) {
-    staging = at::empty({p.splits * p.channels * static_cast<int64_t>(sizeof(State))},
+    staging = at::empty({p.splits * g.channels * static_cast<int64_t>(sizeof(State))},
                         like.options().dtype(at::kByte));
     partial = reinterpret_cast<State*>(staging.data_ptr());
   }
-  launch_for_plan<typename Red::scalar_type>(
-      p,
-      [&](auto width) {
-        reduce_planes_kernel<Red, decltype(width)::value>
-            <<<p.grid, p.block, 0, stream>>>(red, p.planes, partial);
+  const dim3 grid(static_cast<unsigned>(p.grid));
+  const dim3 block(p.block_x, p.block_y);
+  with_layout_width<plan::Kind::Reduce, typename Red::scalar_type>(
+      p.channels_last, p.vec,
+      [&](auto w) {
+        reduce_rows_kernel<Red, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(red, row_tiling(p, g), partial);
       },
-      [&](auto width) {
-        reduce_rows_kernel<Red, decltype(width)::value>
-            <<<p.grid, p.block, 0, stream>>>(red, p.rows, partial);
+      [&](auto w) {
+        reduce_planes_kernel<Red, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(red, plane_tiling(p, g), partial);
       });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
-    const auto blocks = static_cast<unsigned>(ceil_div(p.channels, kFinalizeThreads));
-    finalize_kernel<Red><<<blocks, kFinalizeThreads, 0, stream>>>(red, partial, p.splits, p.channels);
+    const dim3 finalize_block(p.finalize_x, p.finalize_y);
+    finalize_kernel<Red><<<static_cast<unsigned>(p.finalize_grid), finalize_block, 0, stream>>>(
+        red, partial, p.splits, g.channels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename Op>
-void run_elementwise(const Op& op, const LaunchPlan& p) {
+void run_elementwise(const Op& op, const plan::Plan& p, const Geometry& g) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  launch_for_plan<typename Op::scalar_type>(
-      p,
-      [&](auto width) {
-        elementwise_planes_kernel<Op, decltype(width)::value>
-            <<<p.grid, p.block, 0, stream>>>(op, p.planes);
+  const dim3 grid(static_cast<unsigned>(p.grid));
+  const dim3 block(p.block_x, p.block_y);
+  with_layout_width<plan::Kind::Elementwise, typename Op::scalar_type>(
+      p.channels_last, p.vec,
+      [&](auto w) {
+        elementwise_rows_kernel<Op, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(op, row_tiling(p, g));
       },
-      [&](auto width) {
-        elementwise_rows_kernel<Op, decltype(width)::value>
-            <<<p.grid, p.block, 0, stream>>>(op, p.rows);
+      [&](auto w) {
+        elementwise_planes_kernel<Op, decltype(w)::value>
+            <<<grid, block, 0, stream>>>(op, plane_tiling(p, g));
       });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -907,14 +946,20 @@ inline at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& inpu
 
 // ---------------------------------------------------------------------------------------------
 
-// The backward's kernels, instantiated for each dtype in grad_reduction.cu and grad_elementwise.cu
-// (rather than in backward.cu) so that the largest op family compiles as two parallel units.
+// The backward's kernels, planned and launched by grad_reduction.cu and grad_elementwise.cu (for
+// each dtype, rather than in backward.cu) so that the largest op family compiles as two units.
 template <typename scalar_t>
-void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>>& red, const LaunchPlan& p,
-                        const at::Tensor& like);
+plan::Plan plan_grad_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
+                               const at::Tensor& on, int64_t max_splits = plan::kMaxSplits);
+template <typename scalar_t>
+void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>>& red, const plan::Plan& p,
+                        const Geometry& g, const at::Tensor& like);
+template <typename scalar_t>
+plan::Plan plan_grad_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
+                                 const at::Tensor& on);
 template <typename scalar_t>
 void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>>& op,
-                          const LaunchPlan& p);
+                          const plan::Plan& p, const Geometry& g);
 
 }  // namespace gpu
 }  // namespace ckbn

@@ -99,7 +99,7 @@ struct Plan {
   int64_t rounds = 1;         // units a block takes, at most: ceil(units / grid)
   double unit_balance = 1;    // units / (rounds * grid): 1 when every block takes as many units
   double fill = 1;            // units / (rounds * resident_blocks): busy share of the block slots
-  // finalize_kernel after a split reduction: finalize_x channels x finalize_y partial lanes a block.
+  // finalize_kernel after a split reduction: finalize_x channels x finalize_y lanes a block.
   int64_t finalize_grid = 0;
   int finalize_x = 1;
   int finalize_y = 1;
@@ -201,7 +201,8 @@ inline Plan plan_launch(Kind kind, const Shape& s, int vec, const DeviceLimits& 
     p.tiles = s.channels;
   }
   p.block_y = kThreads / p.block_x;
-  p.resident_blocks = int64_t{max_of(d.multiprocessors, 1)} * max_of(d.blocks_per_multiprocessor, 1);
+  p.resident_blocks =
+      int64_t{max_of(d.multiprocessors, 1)} * max_of(d.blocks_per_multiprocessor, 1);
   const int64_t unit_cost = kind == Kind::Reduce ? kReduceUnitCost : kElementwiseUnitCost;
   const int64_t split_cap = max_of<int64_t>(1, min_of(max_splits, kMaxSplits));
 

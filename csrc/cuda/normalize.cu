@@ -25,12 +25,12 @@ at::Tensor normalize_cuda(const at::Tensor& input, const at::Tensor& mean, const
   const auto bias_c = contiguous_if_defined(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_normalize", [&] {
     using acc_t = acc_type<scalar_t>;
-    const NormalizeElementwise<scalar_t, acc_t> element{
-        view.const_data_ptr<scalar_t>(),       out.data_ptr<scalar_t>(),
-        mean_c.const_data_ptr<acc_t>(),        invstd_c.const_data_ptr<acc_t>(),
-        channel_param<scalar_t, acc_t>(weight_c, 1.0), channel_param<scalar_t, acc_t>(bias_c, 0.0)};
-    run_elementwise(element, make_plan<scalar_t>(g, {element.x, element.out},
-                                                 kElementwiseElementsPerThread, view));
+    using Op = NormalizeElementwise<scalar_t, acc_t>;
+    const Op element{view.const_data_ptr<scalar_t>(),       out.data_ptr<scalar_t>(),
+                     mean_c.const_data_ptr<acc_t>(),        invstd_c.const_data_ptr<acc_t>(),
+                     channel_param<scalar_t, acc_t>(weight_c, 1.0),
+                     channel_param<scalar_t, acc_t>(bias_c, 0.0)};
+    run_elementwise(element, plan_elementwise<Op>(g, {element.x, element.out}, view), g);
   });
   return in_output_format(out, input);
 }

@@ -23,9 +23,10 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, dou
       invstd.fill_(math::invstd_from_var<acc_t>(acc_t(0), static_cast<acc_t>(eps)));
       return;
     }
-    const StatsReduction<scalar_t, acc_t> red{view.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
-                                              invstd.data_ptr<acc_t>(), static_cast<acc_t>(eps)};
-    run_reduction(red, make_plan<scalar_t>(g, {red.x}, kReduceElementsPerThread, view), view);
+    using Red = StatsReduction<scalar_t, acc_t>;
+    const Red red{view.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+                  static_cast<acc_t>(eps)};
+    run_reduction(red, plan_reduction<Red>(g, {red.x}, view), g, view);
   });
   return {mean, invstd};
 }

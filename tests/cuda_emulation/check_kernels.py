@@ -47,6 +47,9 @@ CASES = [
     ("offset", (8, 16, 8, 8), "offset"),
     ("offset", (8, 16, 8, 8), "offset-last"),
     ("strided", (6, 5, 8, 8), "strided"),
+    ("spatial-4", (4, 3, 6, 6), "planes"),  # 16-bit: 8-byte loads
+    ("spatial-2", (4, 3, 5, 6), "planes"),  # 16-bit: 4-byte loads; 32-bit: 8-byte loads
+    ("wide-few-rows", (2, 256, 3, 3), "last"),  # row splits of several channel tiles, finalized
     ("empty-batch", (0, 3, 4, 4), "planes"),
     ("empty-spatial", (4, 3, 0, 5), "last"),
 ]

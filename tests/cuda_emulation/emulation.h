@@ -78,9 +78,12 @@ inline long env_or(const char* name, long fallback) {
   return env != nullptr ? std::atol(env) : fallback;
 }
 
-// The emulated device (CKBN_EMULATED_*): its multiprocessors set how far channels are split.
+// What the emulated device reports, which sets the launch plans (CKBN_EMULATED_*): multiprocessors,
+// resident blocks of every kernel per multiprocessor unless the launch observer says, and L2 bytes
+// (small, so that both the fused and the two-kernel backward run).
 inline int multiprocessors() { return static_cast<int>(env_or("CKBN_EMULATED_SMS", 4)); }
-inline long l2_bytes() { return env_or("CKBN_EMULATED_L2_BYTES", 50L << 20); }
+inline int blocks_per_multiprocessor() { return static_cast<int>(env_or("CKBN_EMULATED_BLOCKS_PER_SM", 2)); }
+inline long l2_bytes() { return env_or("CKBN_EMULATED_L2_BYTES", 256 << 10); }
 
 // Whether a kernel argument describes a grid-stride launch: its `grid_stride` flag, or more
 // `units` of work than the grid has blocks; -1 if it has neither.
@@ -211,13 +214,13 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 // Resident blocks per multiprocessor: what the launch observer says (the sm_90 occupancy of the
-// compiled kernel), else CKBN_EMULATED_BLOCKS_PER_SM, else 2.
+// compiled kernel), else emu::blocks_per_multiprocessor().
 template <typename Kernel>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel kernel, int block_threads,
                                                           std::size_t shared_bytes) {
   *blocks = emu::hooks.occupancy != nullptr
                 ? emu::hooks.occupancy(reinterpret_cast<const void*>(kernel), block_threads, shared_bytes)
-                : static_cast<int>(emu::env_or("CKBN_EMULATED_BLOCKS_PER_SM", 2));
+                : emu::blocks_per_multiprocessor();
   return cudaSuccess;
 }
 #define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "emulated CUDA call failed")

@@ -142,7 +142,7 @@ int occupancy_of(const void* kernel, int, std::size_t) {
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.mutex);
   const auto it = s.occupancy.find(library_offset(kernel));
-  return it != s.occupancy.end() ? it->second : static_cast<int>(emu::env_or("CKBN_EMULATED_BLOCKS_PER_SM", 2));
+  return it != s.occupancy.end() ? it->second : emu::blocks_per_multiprocessor();
 }
 
 // Delegates to the CPU allocator it replaces and keeps the live allocations' ranges.
