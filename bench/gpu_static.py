@@ -47,6 +47,8 @@ H100 = dict(name="H100/H200", sms=132, l2_bytes=50 * 2**20)
 MIN_WAVES, MIN_LAST_FILL = 1.5, 0.8
 # Per-channel vectors and split staging may add this fraction of one full-size tensor to an operator.
 SMALL_TOLERANCE = 0.05
+# Threads per block of every ckbn kernel (kThreads in csrc/cuda/launch_plan.h).
+BLOCK_THREADS = 512
 SCALARS = {"double": 64, "float": 32, "c10::Half": 16, "c10::BFloat16": 16}
 
 
@@ -498,7 +500,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     kernels = kernels_of(library, cuobjdump, os.path.dirname(nvdisasm))
     for k in kernels:
-        judge_kernel(k, 256 if k.base.startswith("finalize") else 512)
+        judge_kernel(k, BLOCK_THREADS)
     narrow_families = families_without_wide_loads(kernels)
     report = {"date": datetime.date.today().isoformat(), "library": os.path.relpath(library, ROOT),
               "model": "static (cuobjdump + emulator), not a GPU measurement", "limits": SM90, "device": H100,
