@@ -396,7 +396,9 @@ def judge_plans(plans: List[dict], kernels: Dict[str, Kernel]) -> List[dict]:
             waves = blocks / capacity if capacity else float("inf")
             last = (blocks - (math.ceil(blocks / capacity) - 1) * capacity) / capacity if capacity else 0.0
             streams = short(l["kernel"]).startswith(("reduce_", "elementwise_"))
-            grid_stride = l.get("grid_stride", -1) == 1  # -1: no kernel argument says
+            # The emulator's grid_stride: 1, blocks take several units; 0, the kernel loops over units but
+            # each block has one; -1, its arguments have no units (not a grid-stride kernel).
+            grid_stride = l.get("grid_stride", -1) >= 0
             problems = []
             if k is None:
                 problems.append("kernel not found in the sm_90 code")
@@ -405,6 +407,7 @@ def judge_plans(plans: List[dict], kernels: Dict[str, Kernel]) -> List[dict]:
             rows.append({"shape": p["shape"], "layout": p["layout"], "dtype": p["dtype"], "op": p["op"],
                          "kernel": short(l["kernel"]), "grid": l["grid"], "block": l["block"], "blocks": blocks,
                          "blocks_per_sm": per_sm, "waves": waves, "last_wave_fill": last, "grid_stride": grid_stride,
+                         "units_per_block_above_1": l.get("grid_stride", -1) == 1,
                          "checked": streams, "problems": problems})
     return rows
 
@@ -461,13 +464,16 @@ def markdown(report: dict) -> str:
                          r["staging_bytes"], "yes" if not r["problems"] else "NO"] for r in report["traffic"]])
     if report.get("plans"):
         lines += ["", f"## Launch plans, ResNet-50 BatchNorm shapes on {H100['name']} ({H100['sms']} SMs)", "",
-                  f"Streaming kernels must make at least {MIN_WAVES} waves (or grid-stride) with a last wave at least "
-                  f"{MIN_LAST_FILL:.0%} full; per-channel kernels (finalize) are listed, not judged.", ""]
+                  f"Streaming kernels must make at least {MIN_WAVES} waves, or loop over their work units (grid-stride), "
+                  f"with a last wave at least {MIN_LAST_FILL:.0%} full; per-channel kernels (finalize) are listed, not "
+                  "judged. grid-stride: yes, blocks take several units; 1 unit, the kernel loops over units and the "
+                  "plan gives each block one.", ""]
         lines += table(["shape", "layout", "dtype", "op", "kernel", "grid", "block", "blocks/SM", "waves", "last wave",
-                        "ok"],
+                        "grid-stride", "ok"],
                        [["x".join(map(str, r["shape"])), r["layout"], r["dtype"], r["op"], r["kernel"],
                          "x".join(map(str, r["grid"])), "x".join(map(str, r["block"])), r["blocks_per_sm"],
                          f"{r['waves']:.2f}", f"{r['last_wave_fill']:.0%}",
+                         ("yes" if r["units_per_block_above_1"] else "1 unit") if r["grid_stride"] else "no",
                          ("yes" if not r["problems"] else "NO") if r["checked"] else "-"] for r in report["plans"]])
     return "\n".join(lines) + "\n"
 

@@ -119,8 +119,9 @@ def test_traffic_check_holds_operators_to_their_design(op, launches, ok):
 
 @pytest.mark.parametrize(
     "blocks, grid_stride, ok",
-    [(132 * 2 * 3, False, True), (132 * 2 * 2 + 20, False, False), (132 * 2, False, False), (132 * 2, True, True),
-     (132 * 2 - 10, True, True), (100, True, False)],
+    # grid_stride as the emulator records it: -1 no units argument, 0 units = blocks, 1 units > blocks.
+    [(132 * 2 * 3, -1, True), (132 * 2 * 2 + 20, -1, False), (132 * 2, -1, False), (132 * 2, 0, True),
+     (132 * 2 - 10, 1, True), (100, 1, False)],
 )
 def test_plan_check_wants_full_waves(blocks, grid_stride, ok):
     k = kernel(name="ckbn::elementwise_planes_kernel<ckbn::NormalizeElementwise<float, float>, 4>", regs=64)
