@@ -1,29 +1,46 @@
 #!/usr/bin/env bash
-# One-shot check of ckbn's CUDA backend on a lent GPU machine (H100/H200, about 8 minutes):
-#   1. build ckbn._C in place for sm_90 and import it
-#   2. the CUDA tests (tests/test_cuda.py; tests with "cuda" in their id elsewhere), first without
-#      the slow ones, then the slow ones (more than 2^31 elements); bench/gpu_smoke.py (every op,
-#      both layouts), which also stands in when pytest is missing; bench/sync_nccl_check.py
-#      (SyncBatchNorm over NCCL, world size 1)
+# One-shot check of ckbn's CUDA backend on a lent GPU machine (H100/H200), in one call of at most
+# 9 minutes:
+#   1. build ckbn._C for sm_90 (MAX_JOBS=16) into build/gpu_check/ckbn and import it from there
+#   2. the CUDA tests (tests/test_cuda.py; tests with "cuda" in their id elsewhere, torch.compile's
+#      aside), bench/gpu_smoke.py (every op, both layouts), bench/sync_nccl_check.py (SyncBatchNorm
+#      over NCCL, world size 1)
 #   3. compute-sanitizer memcheck and racecheck over bench/gpu_smoke.py
-#   4. bench/ops.py --device cuda, with the time that is left
-# and prints a summary table last. Each step has its own timeout; a failing step does not stop the
-# next. Everything is written to $OUT when set (else bench/out/gpu_check): build.log, tests.log,
-# sanitizer.log, bench.log, ops-cuda.{json,md,png}, summary.md.
+#   4. bench/ops.py --device cuda over ResNet-50's BatchNorm shapes, with the time that is left
+#      but a reserve for
+#   5. the cold torch.compile tests (tests/test_compile.py -k cuda), under their own cap
+# and prints a summary table last. Every step runs with CKBN_REQUIRE_EXTENSION=1 and each has its
+# own timeout; a failing step does not stop the next.
 #
-#   CKBN_GPU_CHECK_BUDGET=480 (seconds for the whole script)
+#   bash bench/gpu_check.sh              everything above
+#   bash bench/gpu_check.sh bench-only   a second call: only the benchmark (building first if the
+#                                        machine is a fresh one)
+#
+# Everything is written to $OUT when set (else bench/out/gpu_check), 8 files at most: build.log,
+# tests.log, sanitizer.log, bench.log, ops-cuda.{json,md,png}, summary.md; commit the benchmark as
+# bench/results/<card>-<date>.{json,md}.
+#
+#   CKBN_GPU_CHECK_BUDGET=540 (seconds for the whole script)
 #   CKBN_GPU_CHECK_DRY_RUN=1  runs the script's logic on a machine without a GPU: commands that
-#                             need one are printed instead of run, the rest run on the CPU.
+#                             need one are printed instead of run, the rest run on the CPU (the
+#                             build is CPU-only, the smoke and SyncBatchNorm checks run on CPU/gloo).
 set -u
 cd "$(dirname "$0")/.."
-# The in-place build lands in src/ckbn (src layout); every python below imports it from there.
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+MODE="${1:-all}"
+case "$MODE" in all | bench-only) ;; *) echo "usage: $0 [all|bench-only]" >&2; exit 2 ;; esac
 
 OUT_DIR="${OUT:-bench/out/gpu_check}"
-BUDGET="${CKBN_GPU_CHECK_BUDGET:-480}"
+BUDGET="${CKBN_GPU_CHECK_BUDGET:-540}"
 DRY_RUN="${CKBN_GPU_CHECK_DRY_RUN:-0}"
 PYTHON="${PYTHON:-python}"
 START=$(date +%s)
+# The build under test: a copy of setup.py, csrc and the Python package, built in place. Without
+# pyproject.toml in it, setuptools reads no project metadata (the license field needs setuptools
+# 77 or later, which a fresh machine may not have), and src/ckbn stays as it is.
+BUILD_ROOT="$PWD/build/gpu_check"
+export PYTHONPATH="$BUILD_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export CKBN_REQUIRE_EXTENSION=1 BUILD_ROOT PYTHON  # the build step runs build_copy in a child bash
+COMPILE_RESERVE=60
 mkdir -p "$OUT_DIR"
 for f in build tests sanitizer bench; do : > "$OUT_DIR/$f.log"; done
 
@@ -92,74 +109,89 @@ step() {
   $PYTHON -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| devices", torch.cuda.device_count())'
 } >> "$OUT_DIR/build.log" 2>&1
 
-step build 300 "$OUT_DIR/build.log" --gpu \
-  env CKBN_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PYTHON setup.py build_ext --inplace
-if dry; then
-  # The CPU side of the build still has to compile; a dry run checks that much, in a scratch
-  # directory so that an in-place build of ckbn._C stays as it is.
-  SCRATCH=$(mktemp -d)
-  step "build (CPU only)" 300 "$OUT_DIR/build.log" env CKBN_CUDA=0 MAX_JOBS=2 $PYTHON setup.py build_ext \
-    --build-temp "$SCRATCH/temp" --build-lib "$SCRATCH/lib"
-  rm -rf "$SCRATCH"
+# Copies the sources into BUILD_ROOT and builds ckbn._C there (CUDA with CKBN_CUDA=1).
+build_copy() {
+  mkdir -p "$BUILD_ROOT"
+  rm -rf "$BUILD_ROOT/csrc" "$BUILD_ROOT/ckbn"
+  # -p keeps modification times, so that ninja recompiles only what changed since the last build.
+  cp -p setup.py "$BUILD_ROOT/" && cp -rp csrc "$BUILD_ROOT/csrc" && cp -rp src/ckbn "$BUILD_ROOT/ckbn" \
+    && rm -f "$BUILD_ROOT"/ckbn/_C*.so && (cd "$BUILD_ROOT" && $PYTHON setup.py build_ext --inplace)
+}
+
+built_with_cuda() {
+  $PYTHON -c 'import ckbn, sys; sys.exit(0 if ckbn.cuda_compiled() else 1)' > /dev/null 2>&1
+}
+
+if [[ "$MODE" == all ]] || ! built_with_cuda; then
+  if dry; then
+    # No nvcc work in a dry run: the same copy-and-build, CPU kernels only (slower on a small machine).
+    step "build (dry: CPU only)" 900 "$OUT_DIR/build.log" env CKBN_CUDA=0 MAX_JOBS=2 bash -c "$(declare -f build_copy); build_copy"
+  else
+    step build 300 "$OUT_DIR/build.log" \
+      env CKBN_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 bash -c "$(declare -f build_copy); build_copy"
+  fi
 fi
 step import 60 "$OUT_DIR/build.log" --gpu \
-  env CKBN_REQUIRE_EXTENSION=1 $PYTHON -c 'import ckbn; assert ckbn.cuda_compiled(), "ckbn._C has no CUDA kernels"; print("ckbn", ckbn.backend(), "cuda kernels: yes")'
-
-# ---------------------------------------------------------------------------------------------
-# 2. Tests.
-TEST_ENV=(env CKBN_REQUIRE_EXTENSION=1)
-dry && TEST_ENV=(env)  # no CUDA kernels in a dry run: the tests skip
-HAVE_PYTEST=0
-if $PYTHON -c 'import pytest' 2> /dev/null; then
-  HAVE_PYTEST=1
-  step "tests: test_cuda.py" 180 "$OUT_DIR/tests.log" \
-    "${TEST_ENV[@]}" $PYTHON -m pytest tests/test_cuda.py -m "not slow" -q -rs -p no:cacheprovider
-  step "tests: -k cuda" 120 "$OUT_DIR/tests.log" --pytest \
-    "${TEST_ENV[@]}" $PYTHON -m pytest tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_emulated.py -k cuda \
-    -m "not slow" -q -rs -p no:cacheprovider
-  step "tests: slow" 120 "$OUT_DIR/tests.log" --gpu --pytest \
-    "${TEST_ENV[@]}" $PYTHON -m pytest tests -k cuda -m slow --ignore=tests/test_cuda_emulated.py -q -rs \
-    -p no:cacheprovider
-else
-  echo "pytest is not installed here: the CUDA tests are skipped; bench/gpu_smoke.py below is the only correctness check" | tee -a "$OUT_DIR/tests.log"
-  record "tests" SKIP 0 "pytest not installed (gpu_smoke is the fallback)"
-fi
+  $PYTHON -c 'import ckbn; assert ckbn.cuda_compiled(), "ckbn._C has no CUDA kernels"; print("ckbn", ckbn.backend(), "from", ckbn.__file__, "| cuda kernels: yes")'
 if dry; then
-  step smoke 120 "$OUT_DIR/tests.log" $PYTHON bench/gpu_smoke.py --device cpu
-  step "syncbn (dry: gloo)" 120 "$OUT_DIR/tests.log" $PYTHON bench/sync_nccl_check.py --backend gloo --device cpu
-else
-  step smoke 120 "$OUT_DIR/tests.log" $PYTHON bench/gpu_smoke.py --device cuda
-  # SyncBatchNorm's collectives over NCCL, in a one-rank group.
-  step "syncbn: nccl" 120 "$OUT_DIR/tests.log" $PYTHON bench/sync_nccl_check.py --backend nccl --device cuda
+  step "import (dry: CPU)" 60 "$OUT_DIR/build.log" \
+    $PYTHON -c 'import ckbn; print("ckbn", ckbn.backend(), "from", ckbn.__file__)'
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 3. compute-sanitizer over the smoke workload. Without the caching allocator every tensor is its
-# own allocation, so memcheck sees accesses past a tensor's end.
-if command -v compute-sanitizer > /dev/null 2>&1 || dry; then
-  FILTER=(--print-limit 20)
-  if command -v compute-sanitizer > /dev/null 2>&1 && compute-sanitizer --help 2>&1 | grep -q -- '--kernel-name'; then
-    FILTER+=(--kernel-name kns=ckbn)  # check ckbn's kernels, not torch's
+# 2. Tests (test_gpu_static.py is the static model CI runs; torch.compile's cold tests come last).
+PYTEST=($PYTHON -m pytest -q -rs -p no:cacheprovider --ignore=tests/test_cuda_emulated.py
+  --ignore=tests/test_gpu_static.py --ignore=tests/test_compile.py)
+if [[ "$MODE" == all ]]; then
+  if $PYTHON -c 'import pytest' 2> /dev/null; then
+    step "tests: test_cuda.py" 150 "$OUT_DIR/tests.log" "${PYTEST[@]}" tests/test_cuda.py -m "not slow"
+    step "tests: -k cuda" 100 "$OUT_DIR/tests.log" --pytest "${PYTEST[@]}" tests --ignore=tests/test_cuda.py -k cuda \
+      -m "not slow"
+    step "tests: slow" 90 "$OUT_DIR/tests.log" --gpu --pytest "${PYTEST[@]}" tests -k cuda -m slow
+  else
+    echo "pytest is not installed here: the CUDA tests are skipped; bench/gpu_smoke.py below is the only correctness check" | tee -a "$OUT_DIR/tests.log"
+    record "tests" SKIP 0 "pytest not installed (gpu_smoke is the fallback)"
   fi
-  for tool in memcheck racecheck; do
-    step "sanitizer: $tool" 120 "$OUT_DIR/sanitizer.log" --gpu \
-      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" "${FILTER[@]}" --error-exitcode 1 \
-      $PYTHON bench/gpu_smoke.py --device cuda
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitizer.log" | tail -n 1 | sed 's/^/    /'
-  done
-else
-  echo "compute-sanitizer not found on PATH" | tee -a "$OUT_DIR/sanitizer.log"
-  record "sanitizer" SKIP 0 "compute-sanitizer not found"
+  if dry; then
+    step "smoke (dry: cpu)" 60 "$OUT_DIR/tests.log" $PYTHON bench/gpu_smoke.py --device cpu
+    step "syncbn (dry: gloo)" 60 "$OUT_DIR/tests.log" $PYTHON bench/sync_nccl_check.py --backend gloo --device cpu
+  else
+    step smoke 60 "$OUT_DIR/tests.log" $PYTHON bench/gpu_smoke.py --device cuda
+    # SyncBatchNorm's collectives over NCCL, in a one-rank group.
+    step "syncbn: nccl" 60 "$OUT_DIR/tests.log" $PYTHON bench/sync_nccl_check.py --backend nccl --device cuda
+  fi
+
+  # -------------------------------------------------------------------------------------------
+  # 3. compute-sanitizer over the smoke workload, which exits 3 when ckbn has no CUDA kernels, so
+  # that a pass means ckbn's kernels ran. Without the caching allocator every tensor is its own
+  # allocation, so memcheck sees accesses past a tensor's end.
+  if command -v compute-sanitizer > /dev/null 2>&1 || dry; then
+    FILTER=(--print-limit 20)
+    if command -v compute-sanitizer > /dev/null 2>&1 && compute-sanitizer --help 2>&1 | grep -q -- '--kernel-name'; then
+      FILTER+=(--kernel-name kns=ckbn)  # check ckbn's kernels, not torch's
+    fi
+    for tool in memcheck racecheck; do
+      step "sanitizer: $tool" 120 "$OUT_DIR/sanitizer.log" --gpu \
+        env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" "${FILTER[@]}" --error-exitcode 1 \
+        $PYTHON bench/gpu_smoke.py --device cuda
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitizer.log" | tail -n 1 | sed 's/^/    /'
+    done
+  else
+    echo "compute-sanitizer not found on PATH" | tee -a "$OUT_DIR/sanitizer.log"
+    record "sanitizer" SKIP 0 "compute-sanitizer not found"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 4. Benchmark, with the time left: its JSON and markdown are rewritten after every row, so a
-# timeout keeps the rows measured so far.
+# 4. Benchmark, with the time left (less the compile tests' reserve): its JSON and markdown are
+# rewritten after every row, so a timeout keeps the rows measured so far.
 BENCH_DEVICE=cuda
 dry && BENCH_DEVICE=cpu
 BENCH_ARGS=(--device "$BENCH_DEVICE" --json "$OUT_DIR/ops-$BENCH_DEVICE.json" --md "$OUT_DIR/ops-$BENCH_DEVICE.md"
   --plot "$OUT_DIR/ops-$BENCH_DEVICE.png")
-BENCH_LIMIT=$(($(time_left) - 10))
+RESERVE=$COMPILE_RESERVE
+[[ "$MODE" == all ]] || RESERVE=0
+BENCH_LIMIT=$(($(time_left) - RESERVE - 10))
 if dry; then
   step "bench (dry: cpu)" 120 "$OUT_DIR/bench.log" $PYTHON bench/ops.py --quick "${BENCH_ARGS[@]}"
 else
@@ -167,11 +199,18 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# 5. torch.compile on CUDA: cold compiles take long, so they get what the reserve allows.
+if [[ "$MODE" == all ]] && $PYTHON -c 'import pytest' 2> /dev/null; then
+  step "tests: torch.compile" "$COMPILE_RESERVE" "$OUT_DIR/tests.log" --pytest \
+    $PYTHON -m pytest -q -rs -p no:cacheprovider tests/test_compile.py -k cuda
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Summary.
 {
   echo "# ckbn gpu_check summary"
   echo
-  echo "$(date -u) | budget ${BUDGET}s, used $(($(date +%s) - START))s$(dry && echo ' | DRY RUN')"
+  echo "$(date -u) | mode $MODE | budget ${BUDGET}s, used $(($(date +%s) - START))s$(dry && echo ' | DRY RUN')"
   echo
   echo "| step | result | seconds | note |"
   echo "|---|---|---|---|"

@@ -4,12 +4,15 @@
 
 It is the workload gpu_check.sh runs under compute-sanitizer (small enough for memcheck and
 racecheck, yet reaching the scalar, vector, partial-tile, split-channel and fused paths), and its
-test of last resort when pytest is not installed. Exits with status 1 on any mismatch.
+test of last resort when pytest is not installed. Exits with status 1 on any mismatch, and with
+status 3 when CKBN_REQUIRE_EXTENSION=1 and ckbn._C has no kernels for the device (so that a
+sanitizer run over it cannot pass without running a ckbn kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -73,7 +76,8 @@ def run(ops, device) -> list:
         ops.update_running_stats(*running, mean, invstd, None, EPS, count)
         reference.update_running_stats(*expected, mean, invstd, None, EPS, count)
         check(f"{label} update_running_stats", running, expected, TOL[torch.float32], failures)
-        for train, mask in ((True, [True, True, True]), (False, [True, False, False])):
+        # The last mask asks for nothing: no kernel may write into the empty grad_input.
+        for train, mask in ((True, [True, True, True]), (False, [True, False, False]), (False, [False, False, False])):
             got = ops.backward(dy, x, mean, invstd, weight, train, mask)
             want = reference.backward(dy, x, mean, invstd, weight, train, mask)
             check(f"{label} backward train={train} grad_input", got[0], want[0], tol, failures)
@@ -98,6 +102,9 @@ def main() -> int:
     compiled = _backend.extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
         "ckbn::batch_stats", args.device.upper())
     if not compiled:
+        if os.environ.get("CKBN_REQUIRE_EXTENSION", "0") not in ("", "0"):
+            print(f"ERROR: CKBN_REQUIRE_EXTENSION=1 but ckbn._C has no {args.device} kernels", file=sys.stderr)
+            return 3
         print(f"NOTE: no compiled ckbn {args.device} kernels; checking ckbn.reference against itself")
     failures = run(_backend.ops if compiled else reference, args.device)
     if args.device == "cuda":

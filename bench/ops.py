@@ -22,9 +22,11 @@ Method. CPU: torch.set_num_threads(--threads), ckbn and torch runs alternate, th
 runs is reported. CUDA: CUDA events around each call, after a warm-up; ckbn and torch alternate
 and rotate among enough input buffers that the L2 cache holds none of them; the median is
 reported. Each row gives torch/ckbn (above 1: ckbn is faster) and, on CUDA, bandwidth as a
-fraction of a device-to-device copy moving the same bytes, measured in the same run (ckbn's
-passes over the tensor: 2 for normalize, 3 for the training forward, 5 for the backward; a fused
-backward moves fewer bytes, so it can exceed 1).
+fraction of a device-to-device copy moving the same bytes, measured in the same run. The bytes are
+ckbn's passes over a tensor of the input's size: 2 for normalize, 3 for the training forward, and
+for the backward what its kernels do on that shape (see backward_passes): 5 when a reduction kernel
+is followed by an element-wise grad_input kernel, 3 when one fused kernel does both (its second
+read of x and dy is meant to come from L2). So the column cannot exceed 1.
 
 Results go to bench/out/ops-<device>.{json,md,png} unless --json/--md/--plot say otherwise; the
 JSON and markdown are rewritten after every row, so an interrupted run keeps what it measured.
@@ -58,8 +60,10 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 CASES = ("train-fwd", "eval-fwd", "replay-fwd", "bwd", "fwd+bwd", "ckpt-step",
          "relu-fwd+bwd", "silu-fwd+bwd", "relu-ckpt-step", "silu-ckpt-step")
 FUSED_ACTIVATIONS = {"relu": torch.nn.ReLU, "silu": torch.nn.SiLU}
-# ckbn's passes over a tensor of the input's size, for the bandwidth column (none for the module step).
-PASSES = {"train-fwd": 3, "eval-fwd": 2, "replay-fwd": 2, "bwd": 5, "fwd+bwd": 8}
+# ckbn's passes over a tensor of the input's size, for the bandwidth column (none for the module
+# step); the backward's depend on the shape (backward_passes).
+FORWARD_PASSES = {"train-fwd": 3, "eval-fwd": 2, "replay-fwd": 2}
+BACKWARD_PASSES = {"fused": 3, "unfused": 5}
 
 
 def _resnet50(batch: int) -> List[tuple]:
@@ -90,6 +94,7 @@ class Row:
     ratio: float  # torch / ckbn
     tensor_mib: float
     bandwidth: Optional[float] = None  # fraction of copy bandwidth (CUDA)
+    passes: Optional[int] = None  # passes over the tensor behind `bandwidth`
     targets: List[str] = field(default_factory=list)
     missed: List[str] = field(default_factory=list)
 
@@ -279,6 +284,34 @@ class Setup:
         }
 
 
+def backward_passes(setup: "Setup") -> tuple:
+    """(passes, how they were found) of ckbn's training backward on setup's shape: the CUDA
+    kernels one call launches, from the profiler. An element-wise kernel after the reduction makes
+    it unfused (x and dy read twice, grad_input written: 5); without one, the reduction kernel
+    wrote grad_input itself (3). If the profiler shows no ckbn kernel, 3: the fewest bytes any
+    backward moves, so that the bandwidth column stays a lower bound."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            setup.ckbn_backward(0)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+    except Exception as exc:  # noqa: BLE001  (a profiler that cannot run leaves the lower bound)
+        return BACKWARD_PASSES["fused"], f"profiler failed ({type(exc).__name__}): lower bound"
+    return passes_from_kernels(names)
+
+
+def passes_from_kernels(names: Sequence[str]) -> tuple:
+    """backward_passes from the names of the kernels one backward launched."""
+    names = [n for n in names if "ckbn" in n and "_kernel" in n]
+    if not names:
+        return BACKWARD_PASSES["fused"], "no ckbn kernel seen by the profiler: lower bound"
+    if any("elementwise" in n for n in names):
+        return BACKWARD_PASSES["unfused"], "reduction + element-wise kernels"
+    return BACKWARD_PASSES["fused"], "one fused kernel"
+
+
 def copy_ms(timer: Timer, nbytes_like: torch.Tensor, buffers: int) -> float:
     """Median time of a device-to-device copy of a tensor like `nbytes_like` (moves 2x its bytes)."""
     sources = [torch.empty_like(nbytes_like) for _ in range(buffers)]
@@ -313,7 +346,7 @@ def markdown(meta: dict, rows: List[Row], device: str) -> str:
         cells = [r.case, "x".join(map(str, r.shape)), r.layout, r.dtype, f"{r.ckbn_ms:.3f}", f"{r.torch_ms:.3f}",
                  f"{r.ratio:.2f}x"]
         if device == "cuda":
-            cells.append("" if r.bandwidth is None else f"{100 * r.bandwidth:.0f}%")
+            cells.append("" if r.bandwidth is None else f"{100 * r.bandwidth:.0f}% of {r.passes} passes")
         cells += ["; ".join(r.targets), ("MISSED: " + "; ".join(r.missed)) if r.missed else ("yes" if r.targets else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -405,14 +438,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 timer = Timer(device, runs, warmup=3 if device == "cuda" else 2, buffers=buffers)
                 setup = Setup(ops, shape, layout, dtype, device, buffers)
                 copy = copy_ms(timer, setup.x[0], buffers) if device == "cuda" else None
+                passes = dict(FORWARD_PASSES)
+                if copy is not None:
+                    bwd, how = backward_passes(setup)
+                    passes.update({"bwd": bwd, "fwd+bwd": passes["train-fwd"] + bwd})
+                    print(f"  backward: {bwd} passes ({how})", flush=True)
                 functions = setup.cases()
                 for case in cases:
                     ckbn_fn, torch_fn = functions[case]
                     ckbn_ms, torch_ms = timer.pair(ckbn_fn, torch_fn)
                     row = Row(case, list(shape), layout, str(dtype).replace("torch.", ""), ckbn_ms, torch_ms,
                               torch_ms / ckbn_ms, nbytes / 2**20)
-                    if copy is not None and case in PASSES:
-                        row.bandwidth = copy * PASSES[case] / 2 / ckbn_ms
+                    if copy is not None and case in passes:
+                        row.passes = passes[case]
+                        row.bandwidth = copy * passes[case] / 2 / ckbn_ms
                     checks = targets_for(device, row, args.threads)
                     row.targets = list(checks)
                     row.missed = [name for name, ok in checks.items() if not ok(row)]

@@ -1,0 +1,576 @@
+"""Static model of ckbn's CUDA kernels on sm_90 (H100/H200), computed without a GPU.
+
+    python bench/gpu_static.py [--check] [--library PATH] [--out bench/results] [--no-emulator]
+    python bench/gpu_static.py --traffic-only [--check]   (no sm_90 code needed: the emulator alone)
+
+It reads the sm_90 code in the built ckbn._C (cuobjdump -res-usage and -sass; nvdisasm must be
+on PATH or in the nvidia-cuda-nvdisasm wheel) and runs the host emulator of tests/cuda_emulation
+(a C++ compiler builds it on first use), and reports:
+  1. per kernel: registers, stack, local memory, spill instructions, shared memory and the
+     theoretical occupancy on sm_90 (see `occupancy`);
+  2. per kernel: the width of its global loads and stores, and of those in its innermost loops;
+  3. per operator: the bytes its kernels read and write in global memory in the emulator, against
+     the design (training forward: stats read x, normalize reads x and writes y; replay: one read
+     and one write; backward: its passes, fused or not);
+  4. the launch plan of ResNet-50's BatchNorm shapes on an H100/H200 (132 SMs, 50 MB L2), from
+     the host code itself, with the occupancy of (1): blocks per SM, waves, last-wave fill.
+It writes <out>/gpu-static-<date>.{md,json} (a model, not a measurement) and, with --check, exits
+with status 1 when a kernel spills, a hot loop loses its designed load width, an operator moves
+more than its design, or a launch leaves the machine underfilled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMULATOR = os.path.join(ROOT, "tests", "cuda_emulation", "traffic.py")
+
+# sm_90 limits (CUDA C Programming Guide, "Compute Capabilities", and the CUDA Occupancy Calculator).
+SM90 = dict(regs_per_sm=65536, reg_unit=256, sub_partitions=4, max_warps=64, max_blocks=32,
+            shared_per_sm=228 * 1024, shared_per_block=227 * 1024, shared_unit=128, shared_reserved=1024)
+H100 = dict(name="H100/H200", sms=132, l2_bytes=50 * 2**20)
+# Waves a launch must make (unless it grid-strides), and how full its last one must be.
+MIN_WAVES, MIN_LAST_FILL = 1.5, 0.8
+# Per-channel vectors and split staging may add this fraction of one full-size tensor to an operator.
+SMALL_TOLERANCE = 0.05
+# Threads per block of every ckbn kernel (kThreads in csrc/cuda/launch_plan.h).
+BLOCK_THREADS = 512
+SCALARS = {"double": 64, "float": 32, "c10::Half": 16, "c10::BFloat16": 16}
+
+
+def ceil_to(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def occupancy(regs: int, shared_bytes: int, threads: int, limits: dict = SM90) -> dict:
+    """Resident blocks per SM and the occupancy they give, as the CUDA Occupancy Calculator counts:
+    registers are allocated per warp in units of `reg_unit` from each of the SM's sub-partitions
+    (a quarter of the register file each); shared memory per block is rounded up to `shared_unit`
+    plus `shared_reserved` bytes the runtime keeps per block, against the largest carveout."""
+    warps = -(-threads // 32)
+    by_warps = limits["max_warps"] // warps
+    by_regs = limits["max_blocks"]
+    if regs > 0:
+        regs_per_warp = ceil_to(regs * 32, limits["reg_unit"])
+        warps_per_partition = (limits["regs_per_sm"] // limits["sub_partitions"]) // regs_per_warp
+        by_regs = warps_per_partition * limits["sub_partitions"] // warps
+    by_shared = limits["max_blocks"]
+    if shared_bytes > limits["shared_per_block"]:
+        by_shared = 0
+    elif shared_bytes > 0:
+        by_shared = limits["shared_per_sm"] // (ceil_to(shared_bytes, limits["shared_unit"]) + limits["shared_reserved"])
+    blocks = min(by_warps, by_regs, by_shared, limits["max_blocks"])
+    limiter = min((("warps", by_warps), ("registers", by_regs), ("shared", by_shared),
+                   ("blocks", limits["max_blocks"])), key=lambda kv: kv[1])[0]
+    return {"blocks_per_sm": blocks, "occupancy": blocks * warps / limits["max_warps"], "limiter": limiter}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools and the library.
+
+def tool(name: str) -> Optional[str]:
+    found = shutil.which(name)
+    if found:
+        return found
+    import sysconfig
+
+    matches = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "bin", name))
+    return matches[0] if matches else None
+
+
+def find_library(explicit: Optional[str]) -> Optional[str]:
+    if explicit:
+        return explicit
+    in_place = glob.glob(os.path.join(ROOT, "src", "ckbn", "_C*.so"))
+    if in_place:
+        return in_place[0]
+    spec = importlib.util.find_spec("ckbn")  # finds the installed package without importing it
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        installed = glob.glob(os.path.join(location, "_C*.so"))
+        if installed:
+            return installed[0]
+    return None
+
+
+def run(cmd: List[str], **kw) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, **kw).stdout
+
+
+def demangle(names: List[str]) -> Dict[str, str]:
+    if not names:
+        return {}
+    out = run(["c++filt"], input="\n".join(names) + "\n").splitlines()
+    return dict(zip(names, out))
+
+
+def has_sm90_code(library: str, cuobjdump: str) -> bool:
+    try:
+        return "sm_90" in run([cuobjdump, "--list-elf", library])
+    except subprocess.CalledProcessError:
+        return False  # no fatbinary in a CPU-only build
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 and 2: resource usage and SASS.
+
+@dataclass
+class Kernel:
+    name: str  # demangled, anonymous namespaces unified
+    base: str  # e.g. reduce_planes_kernel
+    op: str  # e.g. GradReduction
+    dtype: str  # scalar type of the data, "" if none
+    vec: int  # trailing integer template argument (vector width), 1 if none
+    regs: int = 0
+    stack: int = 0
+    local: int = 0
+    shared: int = 0
+    spill_instructions: int = 0
+    threads: int = 512
+    blocks_per_sm: int = 0
+    occupancy: float = 0.0
+    limiter: str = ""
+    loads: Dict[str, int] = field(default_factory=dict)
+    stores: Dict[str, int] = field(default_factory=dict)
+    loop_loads: Dict[str, int] = field(default_factory=dict)
+    loop_stores: Dict[str, int] = field(default_factory=dict)
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def streams(self) -> bool:
+        """Walks full-size tensors (not a per-channel or merge kernel)."""
+        return self.base.startswith(("reduce_", "elementwise_"))
+
+    @property
+    def element_bits(self) -> int:
+        return SCALARS.get(self.dtype, 0)
+
+
+ANON = re.compile(r"\(anonymous namespace\)::")
+
+
+def unify(demangled: str) -> str:
+    return ANON.sub("", demangled).replace("void ", "", 1) if demangled.startswith("void ") else ANON.sub("", demangled)
+
+
+def describe(name: str) -> dict:
+    """base name, op, data dtype and vector width from a demangled kernel name."""
+    head = name.split("(", 1)[0]
+    base = re.sub(r"<.*", "", head).split("::")[-1]
+    args = head[len(head.split("<", 1)[0]) + 1:-1] if "<" in head else ""
+    op = re.sub(r"<.*", "", args).split("::")[-1].strip()
+    dtype = next((m.group(0) for m in re.finditer(r"c10::Half|c10::BFloat16|double|float", args)), "")
+    vec = re.search(r",\s*(\d+)>?$", args)
+    return {"base": base, "op": op if op not in SCALARS else "", "dtype": dtype, "vec": int(vec.group(1)) if vec else 1}
+
+
+def parse_resources(text: str) -> Dict[str, dict]:
+    usage = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            current = m.group(1)
+            continue
+        if current and "REG:" in line:
+            fields = dict(re.findall(r"(\w+):(\d+)", line))
+            usage[current] = {k: int(fields.get(k, 0)) for k in ("REG", "STACK", "SHARED", "LOCAL")}
+            current = None
+    return usage
+
+
+def width_of(mnemonic: str, element_bits: int) -> str:
+    parts = mnemonic.split(".")
+    for bits in ("128", "64"):
+        if bits in parts:
+            return bits
+    if any(p in ("U16", "S16") for p in parts):
+        return "16"
+    if any(p in ("U8", "S8") for p in parts):
+        return "8"
+    return "32"
+
+
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def parse_sass(text: str) -> Dict[str, dict]:
+    """Per function: global load/store widths, those in innermost loops, local-memory accesses."""
+    functions: Dict[str, list] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = INSTRUCTION.search(line)
+        if current is not None and m:
+            current.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    result = {}
+    for name, code in functions.items():
+        # A backward branch closes a loop [target, branch]; innermost loops contain no other loop.
+        loops = []
+        for address, op, operands in code:
+            if op.startswith("BRA"):
+                t = re.search(r"0x([0-9a-f]+)", operands)
+                if t and int(t.group(1), 16) <= address:
+                    loops.append((int(t.group(1), 16), address))
+        inner = [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops)]
+        info = {"loads": {}, "stores": {}, "loop_loads": {}, "loop_stores": {}, "local": 0}
+        for address, op, _ in code:
+            kind = op.split(".")[0]
+            if kind in ("LDL", "STL"):
+                info["local"] += 1
+            if kind not in ("LDG", "STG"):
+                continue
+            width = width_of(op, 0)
+            key = "loads" if kind == "LDG" else "stores"
+            info[key][width] = info[key].get(width, 0) + 1
+            if any(lo <= address <= hi for lo, hi in inner):
+                info["loop_" + key][width] = info["loop_" + key].get(width, 0) + 1
+        result[name] = info
+    return result
+
+
+def kernels_of(library: str, cuobjdump: str, nvdisasm_dir: Optional[str]) -> List[Kernel]:
+    usage = parse_resources(run([cuobjdump, "-res-usage", library]))
+    env = dict(os.environ)
+    if nvdisasm_dir:
+        env["PATH"] = nvdisasm_dir + os.pathsep + env.get("PATH", "")
+    sass = parse_sass(run([cuobjdump, "-sass", library], env=env))
+    names = demangle(sorted(usage))
+    kernels: Dict[str, Kernel] = {}
+    for mangled, res in usage.items():
+        name = unify(names[mangled])
+        if name in kernels:  # the same template in several translation units
+            continue
+        k = Kernel(name=name, **describe(name))
+        k.regs, k.stack, k.local, k.shared = res["REG"], res["STACK"], res["LOCAL"], res["SHARED"]
+        code = sass.get(mangled, {})
+        k.spill_instructions = code.get("local", 0)
+        for key in ("loads", "stores", "loop_loads", "loop_stores"):
+            setattr(k, key, code.get(key, {}))
+        kernels[name] = k
+    return sorted(kernels.values(), key=lambda k: k.name)
+
+
+def judge_kernel(k: Kernel, block_threads: int) -> None:
+    k.threads = block_threads
+    o = occupancy(k.regs, k.shared, block_threads)
+    k.blocks_per_sm, k.occupancy, k.limiter = o["blocks_per_sm"], o["occupancy"], o["limiter"]
+    if k.stack or k.local or k.spill_instructions:
+        k.problems.append(f"local memory: stack {k.stack} B, local {k.local} B, {k.spill_instructions} LDL/STL")
+    if k.streams and k.element_bits in (16, 32):
+        designed = str(min(128, k.vec * k.element_bits))
+        off = {w: n for w, n in {**k.loop_loads}.items() if w != designed}
+        if off:
+            k.problems.append(f"hot-loop loads {off} besides the designed {designed}-bit ones")
+        if not k.loop_loads:
+            k.problems.append("no global loads found in an innermost loop")
+
+
+def families_without_wide_loads(kernels: List[Kernel]) -> List[str]:
+    """Streaming fp32/fp16/bf16 kernels (kernel x op x dtype) with no instantiation whose hot loop
+    loads 128 bits: with alignment, every one of them should have such a path."""
+    families: Dict[tuple, bool] = {}
+    for k in kernels:
+        if k.streams and k.element_bits in (16, 32):
+            key = (k.base, k.op, k.dtype)
+            families[key] = families.get(key, False) or k.loop_loads.get("128", 0) > 0
+    return [f"{b}<{o}<{d}>>" for (b, o, d), wide in sorted(families.items()) if not wide]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3 and 4: the emulator.
+
+def emulate(mode: str, extra_args: List[str], env_extra: Dict[str, str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        env = dict(os.environ, CKBN_BACKEND="reference", **env_extra)
+        env.pop("CKBN_REQUIRE_EXTENSION", None)
+        result = subprocess.run([sys.executable, EMULATOR, mode, "--json", out, *extra_args], cwd=ROOT, env=env,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"emulator ({mode}) failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def design(op: str, launches: List[dict]) -> Optional[tuple]:
+    """(reads, writes) of full-size tensors the design allows an operator, in tensor sizes, and
+    the reads a single launch may repeat (a fused backward rereads x and dy from L2)."""
+    touching = [l for l in launches if l["large"]["read_distinct"] or l["large"]["write_distinct"]]
+    fused = len(touching) == 1
+    return {
+        "batch_stats": (1, 0),
+        "normalize": (1, 1),
+        "backward train": (2, 1) if fused else (4, 1),
+        "backward eval grad_input": (2, 1),
+        "backward eval grad_weight": (2, 0),
+        "backward eval nothing": (0, 0),
+        "backward_reduce": (2, 0),
+        "backward_elemt": (2, 1),
+        "update_running_stats": (0, 0),
+    }.get(op)
+
+
+def name_launches(sections: List[List[dict]]) -> None:
+    """Replaces each launch's mangled host kernel name by its unified demangled name."""
+    launches = [l for rows in sections for row in rows for l in row["launches"]]
+    names = demangle(sorted({l["kernel"] for l in launches}))
+    for l in launches:
+        l["kernel"] = unify(names[l["kernel"]])
+
+
+def judge_traffic(cases: List[dict]) -> List[dict]:
+    rows = []
+    for c in cases:
+        t = c["tensor_bytes"]
+        launches = c["launches"]
+        total = {k: sum(l["large"][k] for l in launches) for k in ("read", "write", "read_distinct", "write_distinct")}
+        small = sum(l["small"]["read_distinct"] + l["small"]["write_distinct"] for l in launches)
+        # A split reduction's partial states: written by its blocks, read back by finalize_kernel.
+        staging = sum(l["small"]["read_distinct"] for l in launches if describe(l["kernel"])["base"].startswith("finalize"))
+        small = max(0, small - 2 * staging)
+        allowed = design(c["op"], launches)
+        problems = []
+        if allowed is None:
+            problems.append("no design entry")
+        else:
+            if total["read_distinct"] > allowed[0] * t or total["write_distinct"] > allowed[1] * t:
+                problems.append(f"moves {total['read_distinct'] / t:.2f} reads + {total['write_distinct'] / t:.2f} "
+                                f"writes, design {allowed[0]} + {allowed[1]}")
+            for l in launches:
+                reuse = 2 if l["large"]["write_distinct"] and describe(l["kernel"])["op"] == "GradReduction" else 1  # fused
+                if l["large"]["read"] > reuse * l["large"]["read_distinct"] or l["large"]["write"] > l["large"]["write_distinct"]:
+                    problems.append(f"{short(l['kernel'])} accesses elements more than once per pass")
+            if sum(allowed) and small > SMALL_TOLERANCE * t:  # operators on per-channel vectors only: nothing to compare
+                problems.append(f"per-channel traffic {small} B exceeds {SMALL_TOLERANCE:.0%} of the tensor")
+        rows.append({"case": c["case"], "shape": c["shape"], "layout": c["layout"], "dtype": c["dtype"], "op": c["op"],
+                     "launches": len(launches), "kernels": [short(l["kernel"]) for l in launches],
+                     "reads": total["read_distinct"] / t, "writes": total["write_distinct"] / t,
+                     "accessed_reads": total["read"] / t, "per_channel_bytes": small, "staging_bytes": staging,
+                     "design": list(allowed) if allowed else None, "problems": problems})
+    return rows
+
+
+def short(name: str) -> str:
+    """kernel<Op, vec> from a unified demangled name."""
+    d = describe(name)
+    return d["base"] + (f"<{d['op']}, {d['vec']}>" if d["op"] else "")
+
+
+def resnet50_shapes(batch: int) -> List[tuple]:
+    return [(batch, c, hw, hw) for c, hw in ((64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14),
+                                             (1024, 14), (512, 7), (2048, 7))]
+
+
+def plan_spec() -> List[dict]:
+    return [{"shape": list(s), "layout": layout, "dtype": dtype}
+            for batch in (32, 256) for s in resnet50_shapes(batch)
+            for dtype in ("float32", "float16", "bfloat16") for layout in ("planes", "last")]
+
+
+def judge_plans(plans: List[dict], kernels: Dict[str, Kernel]) -> List[dict]:
+    rows = []
+    for p in plans:
+        for l in p["launches"]:
+            k = kernels.get(l["kernel"])
+            threads = l["block"][0] * l["block"][1] * l["block"][2]
+            blocks = l["grid"][0] * l["grid"][1] * l["grid"][2]
+            per_sm = occupancy(k.regs, k.shared + l["shared_bytes"], threads)["blocks_per_sm"] if k else 0
+            capacity = H100["sms"] * per_sm
+            waves = blocks / capacity if capacity else float("inf")
+            last = (blocks - (math.ceil(blocks / capacity) - 1) * capacity) / capacity if capacity else 0.0
+            streams = short(l["kernel"]).startswith(("reduce_", "elementwise_"))
+            # The emulator's grid_stride: 1, blocks take several units; 0, the kernel loops over units but
+            # each block has one; -1, its arguments have no units (not a grid-stride kernel).
+            grid_stride = l.get("grid_stride", -1) >= 0
+            problems = []
+            if k is None:
+                problems.append("kernel not found in the sm_90 code")
+            elif streams and not ((waves >= MIN_WAVES or grid_stride) and last >= MIN_LAST_FILL):
+                problems.append(f"{waves:.2f} waves, last {last:.0%} full")
+            rows.append({"shape": p["shape"], "layout": p["layout"], "dtype": p["dtype"], "op": p["op"],
+                         "kernel": short(l["kernel"]), "grid": l["grid"], "block": l["block"], "blocks": blocks,
+                         "blocks_per_sm": per_sm, "waves": waves, "last_wave_fill": last, "grid_stride": grid_stride,
+                         "units_per_block_above_1": l.get("grid_stride", -1) == 1,
+                         "checked": streams, "problems": problems})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+def table(head: List[str], rows: List[list]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
+def widths(d: Dict[str, int]) -> str:
+    return " ".join(f"{w}b:{n}" for w, n in sorted(d.items(), key=lambda kv: -int(kv[0]))) or "-"
+
+
+def markdown(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"# ckbn GPU static model, sm_90 ({report['date']})", "",
+             "**A static model computed without a GPU, not a GPU measurement.** Resource usage and SASS come from "
+             "the sm_90 code in the built ckbn._C (cuobjdump); traffic and launch plans come from the host emulator "
+             "of tests/cuda_emulation, which runs the real host code and kernels on the CPU; occupancy and waves are "
+             f"computed for an {H100['name']} ({H100['sms']} SMs, {H100['l2_bytes'] >> 20} MB L2).", "",
+             "## Summary", ""]
+    lines += table(["check", "items", "failing", "verdict"],
+                   [[name, v["items"], v["failing"], "PASS" if v["failing"] == 0 else "FAIL"] for name, v in s.items()])
+    lines += ["", f"library: `{report['library']}`", ""]
+    problems = [p for section in ("kernels", "traffic", "plans") for r in report.get(section, []) for p in
+                (f"{section}: {(r.get('name') or r.get('op')).split('(')[0]} {r.get('shape', '')} {r.get('layout', '')} "
+                 f"{'' if 'name' in r else r.get('dtype', '')}: {q}"
+                 for q in r["problems"])]
+    problems += [f"kernels: no 128-bit hot-loop path: {f}" for f in report.get("families_without_wide_loads", [])]
+    if problems:
+        lines += ["### Failing items", ""] + [f"- {p}" for p in problems[:60]] + [""]
+    lines += ["## Kernels (sm_90)", "",
+              "Occupancy: blocks per SM = min(64 warps / warps per block, 32, register limit, shared limit); "
+              "registers per warp = ceil(regs x 32 / 256) x 256, each of the 4 sub-partitions holds "
+              "floor(16384 / that) warps; shared per block = ceil(bytes / 128) x 128 + 1 KB reserved, "
+              "of 228 KB per SM. Block size 512 threads unless a launch says otherwise. Loads/stores: global "
+              "instructions by width in bits (all, and in innermost loops).", ""]
+    lines += table(["kernel", "regs", "stack", "LDL/STL", "shared", "blocks/SM", "occupancy", "loads", "hot-loop loads",
+                    "stores", "ok"],
+                   [[k["name"].split("(")[0], k["regs"], k["stack"], k["spill_instructions"], k["shared"],
+                     k["blocks_per_sm"], f"{k['occupancy']:.0%}", widths(k["loads"]), widths(k["loop_loads"]),
+                     widths(k["stores"]), "yes" if not k["problems"] else "NO"] for k in report["kernels"]])
+    if report.get("traffic"):
+        lines += ["", "## Global-memory traffic per operator (emulator)", "",
+                  "Bytes of full-size tensors each operator's kernels read and write, in tensor sizes: distinct bytes "
+                  "per launch (what DRAM moves when caches hold what a launch reuses), against the design. Per-channel "
+                  f"vectors are counted apart and allowed {SMALL_TOLERANCE:.0%} of a tensor; the partial states of a "
+                  "split reduction (written once, read once by finalize) are listed apart.", ""]
+        lines += table(["case", "dtype", "op", "kernels", "reads", "writes", "design r+w", "per-channel B", "staging B", "ok"],
+                       [[r["case"], r["dtype"], r["op"], " + ".join(r["kernels"]), f"{r['reads']:.2f}",
+                         f"{r['writes']:.2f}", "+".join(map(str, r["design"] or [])), r["per_channel_bytes"],
+                         r["staging_bytes"], "yes" if not r["problems"] else "NO"] for r in report["traffic"]])
+    if report.get("plans"):
+        lines += ["", f"## Launch plans, ResNet-50 BatchNorm shapes on {H100['name']} ({H100['sms']} SMs)", "",
+                  f"Streaming kernels must make at least {MIN_WAVES} waves, or loop over their work units (grid-stride), "
+                  f"with a last wave at least {MIN_LAST_FILL:.0%} full; per-channel kernels (finalize) are listed, not "
+                  "judged. grid-stride: yes, blocks take several units; 1 unit, the kernel loops over units and the "
+                  "plan gives each block one.", ""]
+        lines += table(["shape", "layout", "dtype", "op", "kernel", "grid", "block", "blocks/SM", "waves", "last wave",
+                        "grid-stride", "ok"],
+                       [["x".join(map(str, r["shape"])), r["layout"], r["dtype"], r["op"], r["kernel"],
+                         "x".join(map(str, r["grid"])), "x".join(map(str, r["block"])), r["blocks_per_sm"],
+                         f"{r['waves']:.2f}", f"{r['last_wave_fill']:.0%}",
+                         ("yes" if r["units_per_block_above_1"] else "1 unit") if r["grid_stride"] else "no",
+                         ("yes" if not r["problems"] else "NO") if r["checked"] else "-"] for r in report["plans"]])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--check", action="store_true", help="exit 1 if any check fails")
+    parser.add_argument("--library", help="path of ckbn._C (default: the in-place build, else the installed one)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="directory of the report")
+    parser.add_argument("--no-emulator", action="store_true", help="skip traffic and launch plans")
+    parser.add_argument("--traffic-only", action="store_true", help="only the emulator's traffic (no report file)")
+    args = parser.parse_args(argv)
+    if args.traffic_only:
+        traffic = emulate("traffic", [], {})["cases"]
+        name_launches([traffic])
+        rows = judge_traffic(traffic)
+        for r in rows:
+            print(f"{'ok  ' if not r['problems'] else 'FAIL'} {r['case']} {r['dtype']} {r['op']}: reads {r['reads']:.2f}, "
+                  f"writes {r['writes']:.2f}, design {r['design']}" + "".join(f"; {p}" for p in r["problems"]))
+        return 1 if args.check and any(r["problems"] for r in rows) else 0
+
+    cuobjdump, nvdisasm = tool("cuobjdump"), tool("nvdisasm")
+    library = find_library(args.library)
+    if not cuobjdump or not nvdisasm:
+        print("gpu_static: needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)",
+              file=sys.stderr)
+        return 2
+    if not library or not has_sm90_code(library, cuobjdump):
+        print(f"gpu_static: no sm_90 code in {library or 'ckbn._C (not found)'}: build with CKBN_CUDA=1 "
+              "TORCH_CUDA_ARCH_LIST=9.0", file=sys.stderr)
+        return 3
+
+    kernels = kernels_of(library, cuobjdump, os.path.dirname(nvdisasm))
+    for k in kernels:
+        judge_kernel(k, BLOCK_THREADS)
+    narrow_families = families_without_wide_loads(kernels)
+    report = {"date": datetime.date.today().isoformat(), "library": os.path.relpath(library, ROOT),
+              "model": "static (cuobjdump + emulator), not a GPU measurement", "limits": SM90, "device": H100,
+              "kernels": [dict(asdict(k)) for k in kernels], "families_without_wide_loads": narrow_families}
+
+    if not args.no_emulator:
+        traffic = emulate("traffic", [], {})["cases"]  # builds the emulator library on first use
+        by_name = {k.name: k for k in kernels}
+        with tempfile.TemporaryDirectory() as tmp:
+            spec, occ = os.path.join(tmp, "spec.json"), os.path.join(tmp, "occupancy.json")
+            with open(spec, "w") as f:
+                json.dump(plan_spec(), f)
+            host_names = demangle(sorted(emulator_kernel_symbols()))
+            with open(occ, "w") as f:
+                json.dump({m: by_name[unify(d)].blocks_per_sm for m, d in host_names.items() if unify(d) in by_name}, f)
+            plans = emulate("plans", ["--shapes", spec, "--occupancy", occ],
+                            {"CKBN_EMULATED_SMS": str(H100["sms"]), "CKBN_EMULATED_L2_BYTES": str(H100["l2_bytes"])})
+        name_launches([traffic, plans["plans"]])
+        report["traffic"] = judge_traffic(traffic)
+        report["plans"] = judge_plans(plans["plans"], by_name)
+
+    def count(rows, failing):
+        return {"items": len(rows), "failing": sum(1 for r in rows if failing(r))}
+
+    ks = report["kernels"]
+    summary = {
+        "kernels without spills or local memory": count(ks, lambda k: any(p.startswith("local") for p in k["problems"])),
+        "hot loops at their designed load width": count(ks, lambda k: any("hot-loop" in p or "no global loads" in p
+                                                                          for p in k["problems"])),
+        "kernel families with a 128-bit hot loop": {"items": len({(k["base"], k["op"], k["dtype"]) for k in ks
+                                                                  if k["base"].startswith(("reduce_", "elementwise_"))
+                                                                  and SCALARS.get(k["dtype"]) in (16, 32)}),
+                                                    "failing": len(narrow_families)},
+    }
+    if "traffic" in report:
+        summary["operators within their designed traffic"] = count(report["traffic"], lambda r: r["problems"])
+        checked = [r for r in report["plans"] if r["checked"]]
+        summary[f"ResNet-50 launches filling {H100['sms']} SMs"] = count(checked, lambda r: r["problems"])
+    report["summary"] = summary
+    failed = any(v["failing"] for v in summary.values())
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"gpu-static-{report['date']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print("\n".join(text.split("\n## Kernels")[0].splitlines()))
+    print(f"written: {stem}.md, {stem}.json")
+    return 1 if failed and args.check else 0
+
+
+def emulator_kernel_symbols() -> List[str]:
+    """Mangled names of the kernels in the emulator library."""
+    sys.path.insert(0, os.path.dirname(EMULATOR))
+    import traffic  # noqa: E402  (tests/cuda_emulation/traffic.py; loads nothing on import)
+
+    return list(traffic.kernel_symbols(traffic.library_path()).values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
