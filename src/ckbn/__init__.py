@@ -2,6 +2,7 @@
 
     import ckbn
     model = ckbn.convert_model(model)            # or build with ckbn.BatchNorm2d directly
+    model = ckbn.convert_model(model, fuse_activations=True)  # also fuse BatchNorm + activation pairs
     y = ckbn.checkpoint(block, x)                # recompute replays BatchNorm statistics
     model = ckbn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP: statistics over every rank
 
@@ -13,7 +14,9 @@ from ._backend import cuda_compiled
 from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
 from .distributed import SyncBatchNorm
 from .function import BatchNormFunction
+from .fusion import FusionReport, fuse
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "FusionReport",
     "BatchNormFunction",
     "SyncBatchNorm",
     "backend",
@@ -34,5 +41,6 @@ __all__ = [
     "checkpoint_sequential",
     "convert_model",
     "cuda_compiled",
+    "fuse",
     "update_running_stats_in_backward",
 ]
