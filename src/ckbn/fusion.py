@@ -8,10 +8,10 @@ first:
   the container keeps its class and indices.
 * any other module: its own forward is traced by ``torch.fx`` with every child kept as a call. A
   BatchNorm child called once, whose output goes to an activation (module, ``F.relu``/``torch.relu``
-  style functions, in-place variants, ``x.relu_()``) and nowhere else, is fused. The module is then
-  replaced by an ``fx.GraphModule`` of the same class name, with the original's children, parameters,
-  buffers and plain attributes, whose forward is the traced one without the activation call. A forward
-  that torch.fx cannot trace, or whose trace depends on ``self.training``, is left as it is.
+  style functions, in-place variants, ``x.relu_()``) and nowhere else, is fused. The module keeps its
+  class, children (its activation modules too) and attributes; its forward becomes the traced one
+  without the activation call, set on the instance. A forward that torch.fx cannot trace, or whose
+  trace depends on ``self.training``, is left as it is.
 * timm's ``BatchNormAct2d`` converts to :class:`ckbn.BatchNormAct2d` with its weights.
 
 The fused modules share the BatchNorm's parameters and buffers (the same tensors, so an optimizer
@@ -21,9 +21,11 @@ with the reason; :func:`fuse` logs the report on the ``ckbn.fusion`` logger.
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -204,6 +206,9 @@ class _Fuser:
             result = self.convert_timm(module)
         elif not any(type(child) in _FUSED_CLASS for child in module.children()):
             result = module
+        elif "forward" in vars(module):
+            self.leave(module.children(), f"{type(module).__name__}'s forward is set on the instance (fused already?)")
+            result = module
         elif type(module).forward is nn.Sequential.forward:
             result = self.fuse_sequential(module)
         elif type(module).forward is nn.Module.forward:
@@ -244,9 +249,6 @@ class _Fuser:
 
     def fuse_traced(self, module: nn.Module) -> nn.Module:
         owner = type(module).__name__
-        if _has_hooks(module):
-            self.leave(module.children(), f"{owner} has hooks, which a rewritten forward would not keep")
-            return module
         try:
             graph = _trace(module)
         except Exception as error:  # whatever fx raises: the module then stays as it is
@@ -276,9 +278,12 @@ class _Fuser:
                 graph.erase_node(users[0])
                 continue
             self.reasons[id(batch_norm)] = reason
-        if not replacements:
-            return module
-        return _graph_module(module, graph, replacements)
+        if replacements:
+            graph.lint()
+            for name, fused in replacements.items():
+                setattr(module, name, fused)
+            module.forward = _TracedForward(module, graph)
+        return module
 
     def convert_timm(self, module: nn.Module) -> nn.Module:
         if type(module.drop) is not nn.Identity:
@@ -296,20 +301,32 @@ class _Fuser:
         return module
 
 
-def _graph_module(original: nn.Module, graph: fx.Graph, replacements: Dict[str, nn.Module]) -> fx.GraphModule:
-    """``original`` with its forward replaced by ``graph``: the same children (but ``replacements``),
-    parameters, buffers, in the same order (so the same state_dict), and plain attributes."""
-    graph.lint()
-    result = fx.GraphModule(original, graph, class_name=type(original).__name__)
-    result._modules = OrderedDict((name, replacements.get(name, child)) for name, child in original._modules.items())
-    result._parameters = OrderedDict(original._parameters)
-    result._buffers = OrderedDict(original._buffers)
-    result._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
-    for key, value in vars(original).items():
-        if not key.startswith("_") and key not in vars(result):
-            setattr(result, key, value)  # e.g. the layer indices some frameworks set on their modules
-    result.training = original.training
-    return result
+class _TracedForward:
+    """A module's forward as torch.fx traced it, with the fused activation calls removed.
+
+    Set as the module's instance attribute ``forward``, so the module keeps its class, attributes and
+    children (the activation modules included). The code is kept as source, compiled on first use,
+    so that the module can be deep-copied and pickled.
+    """
+
+    def __init__(self, module: nn.Module, graph: fx.Graph) -> None:
+        code = graph.python_code(root_module="self")
+        self.module = module
+        self.source = code.src
+        self.imports = {name: value.__name__ for name, value in code.globals.items() if isinstance(value, ModuleType)}
+        self.constants = {name: value for name, value in code.globals.items() if name not in self.imports}
+        self._function = None
+
+    def __call__(self, *args, **kwargs):
+        if self._function is None:
+            namespace = {name: importlib.import_module(module) for name, module in self.imports.items()}
+            namespace.update(self.constants)
+            exec(compile(self.source, f"<ckbn.fuse: {type(self.module).__name__}.forward>", "exec"), namespace)
+            self._function = namespace["forward"]
+        return self._function(self.module, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_function": None}
 
 
 __all__ = ["FusionReport", "fuse"]
