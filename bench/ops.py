@@ -12,6 +12,11 @@ Cases (ckbn | torch):
   fwd+bwd     train-fwd + bwd                                | training forward + autograd backward
   ckpt-step   BN+ReLU step under ckbn.checkpoint (modules)   | BN+ReLU step under torch.utils.checkpoint
               (forward, then backward with its recompute; ckbn's recompute replays the statistics)
+  relu-fwd+bwd, silu-fwd+bwd
+              training forward + backward of a BatchNorm with  | BatchNorm + ReLU/SiLU(inplace=True)
+              the activation fused (one normalize, one backward)
+  relu-ckpt-step, silu-ckpt-step
+              ckpt-step with the fused layer                   | ckpt-step with BatchNorm + ReLU/SiLU(inplace=True)
 
 Method. CPU: torch.set_num_threads(--threads), ckbn and torch runs alternate, the minimum of --runs
 runs is reported. CUDA: CUDA events around each call, after a warm-up; ckbn and torch alternate
@@ -50,7 +55,9 @@ from ckbn import _backend, reference  # noqa: E402
 EPS = 1e-5
 MOMENTUM = 0.1
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-CASES = ("train-fwd", "eval-fwd", "replay-fwd", "bwd", "fwd+bwd", "ckpt-step")
+CASES = ("train-fwd", "eval-fwd", "replay-fwd", "bwd", "fwd+bwd", "ckpt-step",
+         "relu-fwd+bwd", "silu-fwd+bwd", "relu-ckpt-step", "silu-ckpt-step")
+FUSED_ACTIVATIONS = {"relu": torch.nn.ReLU, "silu": torch.nn.SiLU}
 # ckbn's passes over a tensor of the input's size, for the bandwidth column (none for the module step).
 PASSES = {"train-fwd": 3, "eval-fwd": 2, "replay-fwd": 2, "bwd": 5, "fwd+bwd": 8}
 
@@ -98,11 +105,26 @@ def targets_for(device: str, row: Row, threads: int) -> Dict[str, Callable[[Row]
         if row.tensor_mib >= 64:
             found["bandwidth >= 85% of copy"] = lambda r: r.bandwidth is not None and r.bandwidth >= 0.85
     elif row.dtype == "float32" and threads == 1 and tuple(row.shape) == (32, 64, 56, 56):
+        fused = {("fwd+bwd", "NCHW"): 1.5, ("fwd+bwd", "NHWC"): 1.2, ("ckpt-step", "NCHW"): 1.8,
+                 ("ckpt-step", "NHWC"): 1.4}
         need = {("fwd+bwd", "NCHW"): 1.5, ("fwd+bwd", "NHWC"): 1.0,
-                ("ckpt-step", "NCHW"): 1.3, ("ckpt-step", "NHWC"): 1.1}.get((row.case, row.layout))
+                ("ckpt-step", "NCHW"): 1.3, ("ckpt-step", "NHWC"): 1.1,
+                **{(f"{act}-{case}", layout): target for (case, layout), target in fused.items()
+                   for act in FUSED_ACTIVATIONS}}.get((row.case, row.layout))
         if need is not None:
             found[f"torch/ckbn >= {need:.2f}"] = lambda r, need=need: r.ratio >= need
     return found
+
+
+class FusedBatchNorm(torch.nn.Module):
+    """A ckbn BatchNorm with its activation fused, as ckbn's BatchNormAct modules run it."""
+
+    def __init__(self, batch_norm: torch.nn.Module, activation: str):
+        super().__init__()
+        self.bn, self.activation = batch_norm, activation
+
+    def forward(self, x):
+        return ckbn.modules.batch_norm_forward(self.bn, x, activation=self.activation)
 
 
 def implementation(device: str):
@@ -216,23 +238,35 @@ class Setup:
         def torch_fwd_bwd(i):
             return self.torch_backward(i, self.torch_train(self.leaves[i]))
 
-        def checkpointed_step(batch_norm_cls, checkpoint):
+        def batch_norm(cls):
             # Parameters in the statistics dtype, as AMP keeps them beside half activations.
-            block = torch.nn.Sequential(batch_norm_cls(self.x[0].size(1), device=self.x[0].device,
-                                                       dtype=self.weight.dtype), torch.nn.ReLU())
+            return cls(self.x[0].size(1), device=self.x[0].device, dtype=self.weight.dtype)
 
+        def module_step(block, checkpoint=None):
             def step(i):
-                y = checkpoint(block, self.leaves[i])
+                y = block(self.leaves[i]) if checkpoint is None else checkpoint(block, self.leaves[i])
                 return torch.autograd.grad(y, (self.leaves[i], *block.parameters()), self.dy[i])
 
             return step
+
+        def checkpointed_step(batch_norm_cls, checkpoint):
+            return module_step(torch.nn.Sequential(batch_norm(batch_norm_cls), torch.nn.ReLU()), checkpoint)
 
         dims = self.x[0].dim()
         ckbn_bn = {2: ckbn.BatchNorm1d, 3: ckbn.BatchNorm1d, 4: ckbn.BatchNorm2d, 5: ckbn.BatchNorm3d}[dims]
         torch_bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[dims]
         torch_checkpoint = lambda fn, x: torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)  # noqa: E731
 
+        fused_cases = {}
+        for act, torch_act in FUSED_ACTIVATIONS.items():
+            fused = FusedBatchNorm(batch_norm(ckbn_bn), act)
+            unfused = torch.nn.Sequential(batch_norm(torch_bn), torch_act(inplace=True))
+            fused_cases[f"{act}-fwd+bwd"] = (module_step(fused), module_step(unfused))
+            fused_cases[f"{act}-ckpt-step"] = (module_step(fused, ckbn.checkpoint),
+                                               module_step(unfused, torch_checkpoint))
+
         return {
+            **fused_cases,
             # torch's forwards record autograd history, as in training and in a checkpoint's recompute.
             "train-fwd": (lambda i: self.ckbn_train(i), lambda i: self.torch_train(self.x[i])),
             "eval-fwd": (ckbn_eval, lambda i: F.batch_norm(self.x[i], self.running_mean, self.running_var,
@@ -359,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     rows: List[Row] = []
-    print(f"{'case':<11} {'shape':<18} {'layout':<6} {'dtype':<9} {'ckbn ms':>9} {'torch ms':>9} {'ratio':>7}"
+    print(f"{'case':<14} {'shape':<18} {'layout':<6} {'dtype':<9} {'ckbn ms':>9} {'torch ms':>9} {'ratio':>7}"
           + (f" {'bw':>5}" if device == "cuda" else "") + "  target")
     for shape in shapes:
         for dtype in dtypes:
@@ -383,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     row.targets = list(checks)
                     row.missed = [name for name, ok in checks.items() if not ok(row)]
                     rows.append(row)
-                    print(f"{case:<11} {'x'.join(map(str, shape)):<18} {layout:<6} {row.dtype:<9} {ckbn_ms:9.3f} "
+                    print(f"{case:<14} {'x'.join(map(str, shape)):<18} {layout:<6} {row.dtype:<9} {ckbn_ms:9.3f} "
                           f"{torch_ms:9.3f} {row.ratio:6.2f}x"
                           + (f" {100 * row.bandwidth:4.0f}%" if row.bandwidth is not None else "")
                           + ("  " + "; ".join(row.targets) if row.targets else "")

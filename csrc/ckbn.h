@@ -5,8 +5,11 @@
 // the checks below before it touches memory, so bad input is a RuntimeError on every backend.
 #pragma once
 
+#include "math.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 
@@ -64,12 +67,20 @@ void check_update_running_stats_args(const at::Tensor& running_mean, const at::T
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                          const at::Tensor& mean, const at::Tensor& invstd,
                          const c10::optional<at::Tensor>& weight);
+// backward's fused-activation arguments: bias as an affine parameter, then parse_activation.
+math::Activation check_backward_activation_args(const c10::optional<at::Tensor>& bias,
+                                                const at::Tensor& input, c10::string_view activation,
+                                                double activation_param);
 void check_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
                                 const at::Tensor& mean);
 void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
                                const at::Tensor& mean_dy_xmu);
+
+// The fused activation named by normalize's and backward's `activation` argument, checked with its
+// parameter (leaky_relu's negative slope: finite; the others take none, so 0).
+math::Activation parse_activation(c10::string_view name, double param, const char* op);
 
 // A dense view of `input` in one of the two layouts kernels handle, plus its geometry. Dense
 // channels_last input (C innermost) stays as it is; contiguous input is ChannelPlanes; anything

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CKBN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -116,6 +117,101 @@ CKBN_HOST_DEVICE acc_t normalize_element(acc_t x, NormalizeCoeffs<acc_t> c) {
   return (x - c.mean) * c.scale + c.shift;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused activations: y = act((x - mean) * scale + shift). The definitions and derivatives are
+// torch's (src/ckbn/activations.py), kinks included. Each is written once for any lane type T:
+// acc_t here and in CUDA, a vector of acc_t in the CPU loops (which specialise Lanes for it).
+
+enum class Activation : int { Identity, Relu, Relu6, LeakyRelu, Silu, Hardswish };
+
+// The element operations beyond arithmetic that activations use, for scalar lanes.
+template <typename T>
+struct Lanes {
+  // where(mask, a, b), the mask being what a comparison of two T gives.
+  static CKBN_HOST_DEVICE T select(bool mask, T a, T b) { return mask ? a : b; }
+  static CKBN_HOST_DEVICE T exp(T a) {
+    using std::exp;
+    return exp(a);
+  }
+};
+
+// act(z). `slope` is leaky_relu's negative slope, unused by the others. The comparisons are
+// ordered so that NaN propagates, as in torch.
+template <Activation act, typename T>
+CKBN_HOST_DEVICE T activate(T z, T slope) {
+  using L = Lanes<T>;
+  const T zero(0.0f);
+  if constexpr (act == Activation::Identity) {
+    return z;
+  } else if constexpr (act == Activation::Relu) {
+    return L::select(z < zero, zero, z);
+  } else if constexpr (act == Activation::Relu6) {
+    const T six(6.0f);
+    return L::select(z < zero, zero, L::select(z > six, six, z));
+  } else if constexpr (act == Activation::LeakyRelu) {
+    return L::select(z > zero, z, z * slope);
+  } else if constexpr (act == Activation::Silu) {
+    return z / (T(1.0f) + L::exp(zero - z));
+  } else {
+    static_assert(act == Activation::Hardswish, "an Activation without a definition");
+    const T six(6.0f);
+    const T shifted = z + T(3.0f);
+    return z * L::select(shifted < zero, zero, L::select(shifted > six, six, shifted)) / six;
+  }
+}
+
+// dy * act'(z): the gradient with respect to the pre-activation z, with torch's backward values at
+// the kinks (relu: 0 at 0; relu6: 0 at 0 and 6; hardswish: 0 at -3, 1 at 3).
+template <Activation act, typename T>
+CKBN_HOST_DEVICE T activation_grad(T dy, T z, T slope) {
+  using L = Lanes<T>;
+  const T zero(0.0f);
+  if constexpr (act == Activation::Identity) {
+    return dy;
+  } else if constexpr (act == Activation::Relu) {
+    return L::select(z > zero, dy, zero);
+  } else if constexpr (act == Activation::Relu6) {
+    return L::select(z > zero, L::select(z < T(6.0f), dy, zero), zero);
+  } else if constexpr (act == Activation::LeakyRelu) {
+    return L::select(z > zero, dy, dy * slope);
+  } else if constexpr (act == Activation::Silu) {
+    const T one(1.0f);
+    const T sigmoid = one / (one + L::exp(zero - z));
+    return dy * sigmoid * (one + z * (one - sigmoid));
+  } else {
+    static_assert(act == Activation::Hardswish, "an Activation without a derivative");
+    const T three(3.0f);
+    return L::select(z > zero - three, L::select(z < three, dy * (z / three + T(0.5f)), dy), zero);
+  }
+}
+
+// The normalize op's element: the activation of the normalized value.
+template <Activation act, typename T>
+CKBN_HOST_DEVICE T normalize_activate(T x, NormalizeCoeffs<T> c, T slope) {
+  return activate<act>(normalize_element(x, c), slope);
+}
+
+// Calls fn(std::integral_constant<Activation, act>()) for the runtime `act`, so that kernels take
+// the activation as a template parameter and the identity path stays the plain one.
+template <typename Fn>
+inline auto visit_activation(Activation act, const Fn& fn) {
+  switch (act) {
+    case Activation::Relu:
+      return fn(std::integral_constant<Activation, Activation::Relu>());
+    case Activation::Relu6:
+      return fn(std::integral_constant<Activation, Activation::Relu6>());
+    case Activation::LeakyRelu:
+      return fn(std::integral_constant<Activation, Activation::LeakyRelu>());
+    case Activation::Silu:
+      return fn(std::integral_constant<Activation, Activation::Silu>());
+    case Activation::Hardswish:
+      return fn(std::integral_constant<Activation, Activation::Hardswish>());
+    case Activation::Identity:
+    default:
+      return fn(std::integral_constant<Activation, Activation::Identity>());
+  }
+}
+
 // Backward of y = (x - mean) * invstd * weight + bias with respect to x.
 //
 // In training mode mean and invstd are functions of x, which adds two per-channel terms:
@@ -128,24 +224,44 @@ struct BackwardCoeffs {
   acc_t mean_dy;     // sum(dy) / count, or 0 in eval mode
   acc_t projection;  // invstd^2 * sum(dy * (x - mean)) / count, or 0 in eval mode
   acc_t scale;       // invstd * weight
+  acc_t shift;       // bias: with mean and scale, gives back a fused activation's input
 };
 
 // mean_dy and mean_dy_xmu are sum(dy) / count and sum(dy * (x - mean)) / count over the whole
 // (possibly multi-process) batch.
 template <typename acc_t>
 CKBN_HOST_DEVICE BackwardCoeffs<acc_t> backward_coeffs(
-    acc_t mean, acc_t invstd, acc_t weight, acc_t mean_dy, acc_t mean_dy_xmu, bool train) {
+    acc_t mean, acc_t invstd, acc_t weight, acc_t mean_dy, acc_t mean_dy_xmu, bool train,
+    acc_t bias = acc_t(0)) {
   BackwardCoeffs<acc_t> c;
   c.mean = mean;
   c.mean_dy = train ? mean_dy : acc_t(0);
   c.projection = train ? invstd * invstd * mean_dy_xmu : acc_t(0);
   c.scale = invstd * weight;
+  c.shift = bias;
   return c;
 }
 
 template <typename acc_t>
 CKBN_HOST_DEVICE acc_t backward_element(acc_t dy, acc_t x, BackwardCoeffs<acc_t> c) {
   return (dy - c.mean_dy - (x - c.mean) * c.projection) * c.scale;
+}
+
+// A fused layer's backward: dz = dy * act'(z), z recomputed from x and the normalize coefficients,
+// then the batch-norm backward of dz. The sums (sum(dz), sum(dz * (x - mean))) are of dz as well.
+template <Activation act, typename T>
+CKBN_HOST_DEVICE T pre_activation_grad(T dy, T x, NormalizeCoeffs<T> c, T slope) {
+  if constexpr (act == Activation::Identity) {
+    return dy;
+  } else {
+    return activation_grad<act>(dy, normalize_element(x, c), slope);
+  }
+}
+
+template <Activation act, typename T>
+CKBN_HOST_DEVICE T fused_backward_element(T dy, T x, BackwardCoeffs<T> c, T slope) {
+  const NormalizeCoeffs<T> z{c.mean, c.scale, c.shift};
+  return backward_element(pre_activation_grad<act>(dy, x, z, slope), x, c);
 }
 
 // grad_weight = sum(dy * x_hat) = sum(dy * (x - mean)) * invstd; grad_bias = sum(dy).

@@ -7,6 +7,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <utility>
+
 namespace ckbn {
 
 at::ScalarType stats_dtype(at::ScalarType input_dtype) {
@@ -133,6 +136,14 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
   check_affine(weight, "weight", input, op);
 }
 
+math::Activation check_backward_activation_args(const c10::optional<at::Tensor>& bias,
+                                                const at::Tensor& input, c10::string_view activation,
+                                                double activation_param) {
+  constexpr const char* op = "ckbn::backward";
+  check_affine(bias, "bias", input, op);
+  return parse_activation(activation, activation_param, op);
+}
+
 void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
                                const at::Tensor& mean, const at::Tensor& invstd,
                                const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
@@ -145,6 +156,31 @@ void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& 
   check_stats(mean_dy, "mean_dy", input, op);
   check_stats(mean_dy_xmu, "mean_dy_xmu", input, op);
   check_affine(weight, "weight", input, op);
+}
+
+math::Activation parse_activation(c10::string_view name, double param, const char* op) {
+  // The names of ckbn.activations.ACTIVATIONS, in its order.
+  static constexpr std::pair<const char*, math::Activation> kNames[] = {
+      {"identity", math::Activation::Identity}, {"relu", math::Activation::Relu},
+      {"relu6", math::Activation::Relu6},       {"leaky_relu", math::Activation::LeakyRelu},
+      {"silu", math::Activation::Silu},         {"hardswish", math::Activation::Hardswish}};
+  for (const auto& [known, act] : kNames) {
+    if (name == known) {
+      if (act == math::Activation::LeakyRelu) {
+        TORCH_CHECK(std::isfinite(param), op,
+                    ": leaky_relu's negative slope (activation_param) must be a finite number, but got ",
+                    param);
+      } else {
+        TORCH_CHECK(param == 0.0, op, ": activation '", known,
+                    "' takes no parameter, but got activation_param=", param);
+      }
+      return act;
+    }
+  }
+  TORCH_CHECK(false, op,
+              ": activation must be one of 'identity', 'relu', 'relu6', 'leaky_relu', 'silu', "
+              "'hardswish', but got '",
+              name, "'");
 }
 
 namespace {
@@ -189,9 +225,12 @@ at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like) {
 TORCH_LIBRARY(ckbn, m) {
   // Per-channel mean and invstd = 1 / sqrt(biased_var + eps) over every dimension but 1.
   m.def("batch_stats(Tensor input, float eps) -> (Tensor mean, Tensor invstd)");
-  // (input - mean) * invstd * weight + bias, in input's dtype and memory format.
+  // activation((input - mean) * invstd * weight + bias), in input's dtype and memory format.
+  // activation is one of ckbn.activations.ACTIVATIONS; activation_param is leaky_relu's negative
+  // slope (0 for the others).
   m.def(
-      "normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor");
+      "normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+      "str activation=\"identity\", float activation_param=0.0) -> Tensor");
   // Counts one batch in num_batches_tracked and folds (mean, unbiased var) into the running
   // statistics, with `momentum`, or for momentum=None the cumulative average. `count` is the
   // number of elements each channel's statistics were taken over (at least 2).
@@ -201,11 +240,13 @@ TORCH_LIBRARY(ckbn, m) {
       "int count) -> ()");
   // Gradients of normalize. With train=True, mean and invstd are taken to be the batch statistics
   // of input and the full training-mode gradient is returned. An output whose mask entry is false
-  // is returned as an empty tensor of shape (0,).
+  // is returned as an empty tensor of shape (0,). With a fused activation, grad_output is the
+  // gradient of the activation's output; the pre-activation is recomputed from input, the
+  // statistics, weight and bias.
   m.def(
       "backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-      "bool train, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "bool train, bool[3] output_mask, Tensor? bias=None, str activation=\"identity\", "
+      "float activation_param=0.0) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // The reduction half of the training backward, for statistics shared across processes:
   // per-channel sum(grad_output) and sum(grad_output * (input - mean)), in the statistics dtype.
   m.def(

@@ -6,6 +6,7 @@ import torch
 import ckbn
 from ckbn._backend import ops
 from ckbn.function import BatchNormFunction
+from ckbn.modules import batch_norm_forward
 
 EPS = 1e-5
 
@@ -45,11 +46,8 @@ def test_gradcheck(device, shape, affine, train):
     assert torch.autograd.gradcheck(forward, (x, weight, bias), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_saves_only_input_weight_mean_invstd(device, memory_format):
-    """Memory contract: the input, the weight and two (C,) vectors, nothing else full-size."""
-    bn = ckbn.BatchNorm2d(16).to(device)
-    x = torch.randn(8, 16, 10, 10, device=device).contiguous(memory_format=memory_format).requires_grad_()
+def _with_saved_tensors(forward):
+    """forward()'s result and every tensor autograd saved for its backward."""
     saved = []
 
     def pack(t):
@@ -57,7 +55,15 @@ def test_saves_only_input_weight_mean_invstd(device, memory_format):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = bn(x)
+        return forward(), saved
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_saves_only_input_weight_mean_invstd(device, memory_format):
+    """Memory contract: the input, the weight and two (C,) vectors, nothing else full-size."""
+    bn = ckbn.BatchNorm2d(16).to(device)
+    x = torch.randn(8, 16, 10, 10, device=device).contiguous(memory_format=memory_format).requires_grad_()
+    y, saved = _with_saved_tensors(lambda: bn(x))
     assert len(saved) == 4
     assert saved[0] is x
     assert saved[1] is bn.weight
@@ -66,6 +72,22 @@ def test_saves_only_input_weight_mean_invstd(device, memory_format):
     assert saved_bytes == x.numel() * x.element_size() + 3 * 16 * 4
     y.sum().backward()  # the saved set is sufficient for backward
     assert x.grad is not None and bn.weight.grad is not None
+
+
+@pytest.mark.parametrize("activation,param", [("relu", 0.0), ("leaky_relu", 0.2), ("silu", 0.0), ("hardswish", 0.0)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fused_saves_only_input_weight_bias_mean_invstd(device, memory_format, activation, param):
+    """A fused activation adds the bias, (C,), to the saved set: no pre-activation, no output."""
+    bn = ckbn.BatchNorm2d(16).to(device)
+    x = torch.randn(8, 16, 10, 10, device=device).contiguous(memory_format=memory_format).requires_grad_()
+    y, saved = _with_saved_tensors(lambda: batch_norm_forward(bn, x, activation=activation, activation_param=param))
+    assert len(saved) == 5
+    assert saved[0] is x and saved[1] is bn.weight and saved[4] is bn.bias
+    assert [tuple(t.shape) for t in saved[2:4]] == [(16,), (16,)]
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+    assert saved_bytes == x.numel() * x.element_size() + 4 * 16 * 4
+    y.sum().backward()  # the saved set is sufficient for backward
+    assert x.grad is not None and bn.weight.grad is not None and bn.bias.grad is not None
 
 
 def test_backward_never_touches_running_buffers():

@@ -97,11 +97,14 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double e
 }
 
 at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
-                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                     c10::string_view activation, double activation_param) {
   check_normalize_args(input, mean, invstd, weight, bias);
+  const cpu::Fused fused{parse_activation(activation, activation_param, "ckbn::normalize"),
+                         activation_param};
   const auto [x, g] = loop_view(input);
   return element_output(input, x, [&](const at::Tensor& output) {
-    kernels().normalize(x, g, mean, invstd, weight, bias, output);
+    kernels().normalize(x, g, mean, invstd, weight, bias, fused, output);
   });
 }
 
@@ -145,8 +148,11 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool train,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const c10::optional<at::Tensor>& bias,
+    c10::string_view activation, double activation_param) {
   check_backward_args(grad_output, input, mean, invstd, weight);
+  const cpu::Fused fused{
+      check_backward_activation_args(bias, input, activation, activation_param), activation_param};
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto [x, g] = loop_view(input);
   const at::Tensor dy = match_strides(grad_output, x);
@@ -160,10 +166,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor grad_input = at::empty({0}, input.options());
   if (need_input) {
     grad_input = element_output(input, x, [&](const at::Tensor& out) {
-      kernels().backward(dy, x, g, mean, invstd, weight, train, out, sum_dy, sum_dy_xmu);
+      kernels().backward(dy, x, g, mean, invstd, weight, bias, fused, train, out, sum_dy,
+                         sum_dy_xmu);
     });
   } else {
-    kernels().backward(dy, x, g, mean, invstd, weight, train, at::Tensor(), sum_dy, sum_dy_xmu);
+    kernels().backward(dy, x, g, mean, invstd, weight, bias, fused, train, at::Tensor(), sum_dy,
+                       sum_dy_xmu);
   }
 
   const auto param_dtype =
@@ -191,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   const auto [x, g] = loop_view(input);
   at::Tensor sum_dy = channel_tensor(input);
   at::Tensor sum_dy_xmu = channel_tensor(input);
-  kernels().backward(match_strides(grad_output, x), x, g, mean, at::Tensor(), c10::nullopt, true,
-                     at::Tensor(), sum_dy, sum_dy_xmu);
+  kernels().backward(match_strides(grad_output, x), x, g, mean, at::Tensor(), c10::nullopt,
+                     c10::nullopt, cpu::Fused(), true, at::Tensor(), sum_dy, sum_dy_xmu);
   return {sum_dy, sum_dy_xmu};
 }
 

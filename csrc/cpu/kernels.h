@@ -17,17 +17,27 @@
 namespace ckbn {
 namespace cpu {
 
+// The activation fused after the normalization, and its parameter (leaky_relu's slope).
+struct Fused {
+  math::Activation activation = math::Activation::Identity;
+  double param = 0.0;
+};
+
 struct Kernels {
   void (*batch_stats)(const at::Tensor& x, const Geometry& g, double eps, const at::Tensor& mean,
                       const at::Tensor& invstd);
   void (*normalize)(const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
                     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                    const c10::optional<at::Tensor>& bias, const at::Tensor& output);
+                    const c10::optional<at::Tensor>& bias, const Fused& fused,
+                    const at::Tensor& output);
   // Fills sum_dy and sum_dy_xmu when they are defined, and grad_input when it is; with train,
-  // grad_input uses the batch means of the sums.
+  // grad_input uses the batch means of the sums. With a fused activation, dy is the gradient of
+  // its output, and the sums are those of the gradient of its input (bias then serves to
+  // recompute that input).
   void (*backward)(const at::Tensor& dy, const at::Tensor& x, const Geometry& g,
                    const at::Tensor& mean, const at::Tensor& invstd,
-                   const c10::optional<at::Tensor>& weight, bool train, const at::Tensor& grad_input,
+                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                   const Fused& fused, bool train, const at::Tensor& grad_input,
                    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu);
   void (*backward_elemt)(const at::Tensor& dy, const at::Tensor& x, const Geometry& g,
                          const at::Tensor& mean, const at::Tensor& invstd,

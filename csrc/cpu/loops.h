@@ -53,9 +53,24 @@ CKBN_PRAGMA(GCC target(CKBN_TARGET))
 #include <ATen/cpu/vec/vec.h>
 
 namespace ckbn {
+namespace math {
+
+// Activations (math.h) on vector lanes: a comparison gives a mask vector, blendv selects by it.
+template <typename T>
+struct Lanes<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  static V select(const V& mask, const V& a, const V& b) {
+    return V::blendv(b, a, mask);
+  }
+  static V exp(const V& a) { return a.exp(); }
+};
+
+}  // namespace math
+
 namespace cpu {
 namespace {
 
+using math::Activation;
 using math::BackwardCoeffs;
 using math::NormalizeCoeffs;
 using math::Welford;
@@ -282,8 +297,8 @@ C10_ALWAYS_INLINE std::array<T, 3> fields(const NormalizeCoeffs<T>& c) {
 }
 
 template <typename T>
-C10_ALWAYS_INLINE std::array<T, 4> fields(const BackwardCoeffs<T>& c) {
-  return {c.mean, c.mean_dy, c.projection, c.scale};
+C10_ALWAYS_INLINE std::array<T, 5> fields(const BackwardCoeffs<T>& c) {
+  return {c.mean, c.mean_dy, c.projection, c.scale, c.shift};
 }
 
 template <template <typename> class Coeffs, typename T, size_t n, size_t... j>
@@ -538,12 +553,14 @@ std::vector<Welford<acc_type<scalar_t>>> row_moments(const scalar_t* x, const Ge
 // ---------------------------------------------------------------------------------------------
 // normalize
 
-template <typename scalar_t>
+template <Activation act, typename scalar_t>
 void normalize_kernel(const scalar_t* x, scalar_t* y, const Geometry& g,
-                      const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& coeffs) {
+                      const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& coeffs,
+                      acc_type<scalar_t> slope) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
+  const Vec slope_vec(slope);
   for_each_run<scalar_t>(g, coeffs, [&](int64_t offset, int64_t len, const auto& c) {
     const scalar_t* in = x + offset;
     scalar_t* out = y + offset;
@@ -551,12 +568,14 @@ void normalize_kernel(const scalar_t* x, scalar_t* y, const Geometry& g,
         in, len,
         [&](int64_t i, typename B::Vecs v) {
           for (int k = 0; k < B::kVecs; ++k) {
-            v[k] = math::normalize_element(v[k], c.template get<Vec>(i + k * Vec::size()));
+            v[k] = math::normalize_activate<act>(v[k], c.template get<Vec>(i + k * Vec::size()),
+                                                 slope_vec);
           }
           B::store(out + i, v);
         },
         [&](int64_t i, acc_t v) {
-          out[i] = static_cast<scalar_t>(math::normalize_element(v, c.template get<acc_t>(i)));
+          out[i] = static_cast<scalar_t>(
+              math::normalize_activate<act>(v, c.template get<acc_t>(i), slope));
         });
   });
 }
@@ -572,16 +591,19 @@ struct GradSums {
 };
 
 // The sums over channel c of ChannelPlanes input; each plane's lanes are added up before the next
-// plane's, which keeps rounding error from growing with the batch.
-template <typename scalar_t>
-std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(const scalar_t* dy,
-                                                                  const scalar_t* x,
-                                                                  const Geometry& g, int64_t c,
-                                                                  acc_type<scalar_t> mean) {
+// plane's, which keeps rounding error from growing with the batch. `z` gives back a fused
+// activation's input (only its mean is read without one).
+template <Activation act, typename scalar_t>
+std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
+    const scalar_t* dy, const scalar_t* x, const Geometry& g, int64_t c,
+    const NormalizeCoeffs<acc_type<scalar_t>>& z, acc_type<scalar_t> slope) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
+  const acc_t mean = z.mean;
   const Vec mean_vec(mean);
+  const auto z_vec = Broadcast<NormalizeCoeffs, acc_t>::splat(z);
+  const Vec slope_vec(slope);
   acc_t sum_dy = 0;
   acc_t sum_dy_xmu = 0;
   for (int64_t n = 0; n < g.batch; ++n) {
@@ -592,14 +614,16 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(const scalar_t
     for_blocks(
         x + offset, g.spatial,
         [&](int64_t i, const typename B::Vecs& v) {
-          const auto d = B::load(dy_plane + i);
+          auto d = B::load(dy_plane + i);
           for (int k = 0; k < B::kVecs; ++k) {
+            d[k] = math::pre_activation_grad<act>(d[k], v[k], z_vec, slope_vec);
             plane_dy[k] += d[k];
             plane_dy_xmu[k] = at::vec::fmadd(d[k], v[k] - mean_vec, plane_dy_xmu[k]);
           }
         },
         [&](int64_t i, acc_t v) {
-          const acc_t d = static_cast<acc_t>(dy_plane[i]);
+          const acc_t d =
+              math::pre_activation_grad<act>(static_cast<acc_t>(dy_plane[i]), v, z, slope);
           sum_dy += d;
           sum_dy_xmu += d * (v - mean);
         });
@@ -611,16 +635,18 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(const scalar_t
 
 // The sums over every channel of ChannelsLast input: slot sums per chunk, added to the row range's
 // per-channel totals, which are added up in order at the end.
-template <typename scalar_t>
+template <Activation act, typename scalar_t>
 GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x,
                                            const Geometry& g,
-                                           const std::vector<acc_type<scalar_t>>& mean) {
+                                           const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& z,
+                                           acc_type<scalar_t> slope) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
   const RowGroups groups = row_groups(g.channels, B::kSize);
-  std::vector<acc_t> slot_mean(groups.width);
-  tile(mean.data(), groups, slot_mean.data());
+  const Columns<NormalizeCoeffs, acc_t> slot_z(z, groups);
+  const acc_t* slot_mean = slot_z.columns[0].data();
+  const Vec slope_vec(slope);
   const int64_t blocks = row_blocks(g);
   // Per range: the per-channel totals of dy and dy_xmu, then two slot arrays and two per-channel
   // arrays for the chunk.
@@ -639,15 +665,21 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
         groups, begin, end, {slot_dy, slot_dy_xmu},
         [&](auto& acc, int64_t i, int64_t offset) {
           const auto v = B::load(x + offset);
-          const auto d = B::load(dy + offset);
+          auto d = B::load(dy + offset);
           for (int k = 0; k < B::kVecs; ++k) {
+            const int64_t slot = i + k * Vec::size();
+            if constexpr (act != Activation::Identity) {
+              d[k] = math::pre_activation_grad<act>(d[k], v[k], slot_z.template get<Vec>(slot),
+                                                    slope_vec);
+            }
             acc[0][k] += d[k];
-            acc[1][k] = at::vec::fmadd(d[k], v[k] - Vec::loadu(slot_mean.data() + i + k * Vec::size()),
-                                       acc[1][k]);
+            acc[1][k] = at::vec::fmadd(d[k], v[k] - Vec::loadu(slot_mean + slot), acc[1][k]);
           }
         },
         [&](int64_t s, int64_t offset) {
-          const acc_t d = static_cast<acc_t>(dy[offset]);
+          const acc_t d = math::pre_activation_grad<act>(
+              static_cast<acc_t>(dy[offset]), static_cast<acc_t>(x[offset]),
+              slot_z.template get<acc_t>(s), slope);
           slot_dy[s] += d;
           slot_dy_xmu[s] += d * (static_cast<acc_t>(x[offset]) - slot_mean[s]);
         });
@@ -670,13 +702,15 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
   return sums;
 }
 
-// grad_input of one run (a plane or a row group) from `offset`, by math::backward_element.
-template <typename scalar_t, typename CoeffsAt>
+// grad_input of one run (a plane or a row group) from `offset`, by math::fused_backward_element.
+template <Activation act, typename scalar_t, typename CoeffsAt>
 C10_ALWAYS_INLINE void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
-                                      int64_t offset, int64_t len, const CoeffsAt& c) {
+                                      int64_t offset, int64_t len, const CoeffsAt& c,
+                                      acc_type<scalar_t> slope) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
+  const Vec slope_vec(slope);
   const scalar_t* dy_run = dy + offset;
   scalar_t* dx_run = dx + offset;
   for_blocks(
@@ -684,31 +718,36 @@ C10_ALWAYS_INLINE void grad_input_run(const scalar_t* dy, const scalar_t* x, sca
       [&](int64_t i, const typename B::Vecs& v) {
         auto d = B::load(dy_run + i);
         for (int k = 0; k < B::kVecs; ++k) {
-          d[k] = math::backward_element(d[k], v[k], c.template get<Vec>(i + k * Vec::size()));
+          d[k] = math::fused_backward_element<act>(d[k], v[k],
+                                                   c.template get<Vec>(i + k * Vec::size()), slope_vec);
         }
         B::store(dx_run + i, d);
       },
       [&](int64_t i, acc_t v) {
-        dx_run[i] = static_cast<scalar_t>(
-            math::backward_element(static_cast<acc_t>(dy_run[i]), v, c.template get<acc_t>(i)));
+        dx_run[i] = static_cast<scalar_t>(math::fused_backward_element<act>(
+            static_cast<acc_t>(dy_run[i]), v, c.template get<acc_t>(i), slope));
       });
 }
 
 // grad_input of the whole input, from per-channel coefficients.
-template <typename scalar_t>
+template <Activation act, typename scalar_t>
 void grad_input_pass(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
-                     const std::vector<BackwardCoeffs<acc_type<scalar_t>>>& coeffs) {
+                     const std::vector<BackwardCoeffs<acc_type<scalar_t>>>& coeffs,
+                     acc_type<scalar_t> slope) {
   for_each_run<scalar_t>(g, coeffs, [&](int64_t offset, int64_t len, const auto& c) {
-    grad_input_run(dy, x, dx, offset, len, c);
+    grad_input_run<act>(dy, x, dx, offset, len, c, slope);
   });
 }
 
 // The per-channel inputs of the backward, as acc_t values.
+// invstd, weight and bias are needed for grad_input, and for the sums of a fused activation.
 template <typename acc_t>
 struct ChannelParams {
   std::vector<acc_t> mean;
   std::vector<acc_t> invstd;
   std::vector<acc_t> weight;
+  std::vector<acc_t> bias;
+  acc_t slope;
 };
 
 template <typename acc_t>
@@ -717,25 +756,32 @@ BackwardCoeffs<acc_t> channel_backward_coeffs(const ChannelParams<acc_t>& p, int
                                               bool train) {
   const acc_t n = static_cast<acc_t>(std::max<int64_t>(count, 1));
   return math::backward_coeffs(p.mean[c], p.invstd[c], p.weight[c], sum_dy / n, sum_dy_xmu / n,
-                               train);
+                               train, p.bias[c]);
 }
 
 // The backward of one batch: the sums (when `sums` is given) and grad_input (when `dx` is). For
 // ChannelPlanes both happen channel by channel, so the element pass reads what the reduction just
 // brought into cache.
-template <typename scalar_t>
+template <Activation act, typename scalar_t>
 void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
                      const ChannelParams<acc_type<scalar_t>>& params, bool train,
                      GradSums<acc_type<scalar_t>>* sums) {
   using acc_t = acc_type<scalar_t>;
   const int64_t count = g.per_channel();
+  const acc_t slope = params.slope;
+  // Without an activation the sums read only the mean (backward_reduce has no invstd).
+  const auto pre_activation = [&](int64_t c) {
+    return act == Activation::Identity ? NormalizeCoeffs<acc_t>{params.mean[c], acc_t(1), acc_t(0)}
+                                       : math::normalize_coeffs(params.mean[c], params.invstd[c],
+                                                                params.weight[c], params.bias[c]);
+  };
   if (g.layout == Layout::ChannelPlanes) {
     at::parallel_for(0, g.channels, grain(2 * count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         acc_t sum_dy = 0;
         acc_t sum_dy_xmu = 0;
         if (sums != nullptr) {
-          std::tie(sum_dy, sum_dy_xmu) = plane_grad_sums(dy, x, g, c, params.mean[c]);
+          std::tie(sum_dy, sum_dy_xmu) = plane_grad_sums<act>(dy, x, g, c, pre_activation(c), slope);
           sums->dy[c] = sum_dy;
           sums->dy_xmu[c] = sum_dy_xmu;
         }
@@ -743,7 +789,8 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
           const Broadcast<BackwardCoeffs, acc_t> coeffs(
               channel_backward_coeffs(params, c, sum_dy, sum_dy_xmu, count, train));
           for (int64_t n = 0; n < g.batch; ++n) {
-            grad_input_run(dy, x, dx, (n * g.channels + c) * g.spatial, g.spatial, coeffs);
+            grad_input_run<act>(dy, x, dx, (n * g.channels + c) * g.spatial, g.spatial, coeffs,
+                                slope);
           }
         }
       }
@@ -751,7 +798,11 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     return;
   }
   if (sums != nullptr) {
-    *sums = row_grad_sums(dy, x, g, params.mean);
+    std::vector<NormalizeCoeffs<acc_t>> z(g.channels);
+    for (int64_t c = 0; c < g.channels; ++c) {
+      z[c] = pre_activation(c);
+    }
+    *sums = row_grad_sums<act>(dy, x, g, z, slope);
   }
   if (dx != nullptr) {
     std::vector<BackwardCoeffs<acc_t>> coeffs(g.channels);
@@ -760,7 +811,7 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
                       ? channel_backward_coeffs(params, c, sums->dy[c], sums->dy_xmu[c], count, train)
                       : channel_backward_coeffs(params, c, acc_t(0), acc_t(0), count, train);
     }
-    grad_input_pass(dy, x, dx, g, coeffs);
+    grad_input_pass<act>(dy, x, dx, g, coeffs, slope);
   }
 }
 
@@ -791,7 +842,7 @@ void batch_stats(const at::Tensor& x, const Geometry& g, double eps, const at::T
 
 void normalize(const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
                const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-               const c10::optional<at::Tensor>& bias, const at::Tensor& output) {
+               const c10::optional<at::Tensor>& bias, const Fused& fused, const at::Tensor& output) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::normalize", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto means = channel_values<acc_t>(mean);
@@ -802,26 +853,40 @@ void normalize(const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
     for (int64_t c = 0; c < g.channels; ++c) {
       coeffs[c] = math::normalize_coeffs(means[c], invstds[c], weights[c], biases[c]);
     }
-    normalize_kernel(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, coeffs);
+    math::visit_activation(fused.activation, [&](auto act) {
+      normalize_kernel<decltype(act)::value>(x.const_data_ptr<scalar_t>(),
+                                             output.mutable_data_ptr<scalar_t>(), g, coeffs,
+                                             static_cast<acc_t>(fused.param));
+    });
   });
 }
 
 void backward(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
-              const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool train,
+              const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+              const c10::optional<at::Tensor>& bias, const Fused& fused, bool train,
               const at::Tensor& grad_input, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    // invstd and weight serve grad_input only; backward_reduce passes an undefined invstd.
-    const bool need_input = grad_input.defined();
+    // invstd, weight and bias serve grad_input and a fused activation only; backward_reduce
+    // passes an undefined invstd.
+    const bool need_params = grad_input.defined() || fused.activation != Activation::Identity;
+    const auto params_or_empty = [&](auto values) {
+      return need_params ? values() : std::vector<acc_t>();
+    };
     const ChannelParams<acc_t> params{
         channel_values<acc_t>(mean),
-        need_input ? channel_values<acc_t>(invstd) : std::vector<acc_t>(),
-        need_input ? channel_values<acc_t>(weight, acc_t(1), g.channels) : std::vector<acc_t>()};
+        params_or_empty([&] { return channel_values<acc_t>(invstd); }),
+        params_or_empty([&] { return channel_values<acc_t>(weight, acc_t(1), g.channels); }),
+        params_or_empty([&] { return channel_values<acc_t>(bias, acc_t(0), g.channels); }),
+        static_cast<acc_t>(fused.param)};
     GradSums<acc_t> sums{std::vector<acc_t>(g.channels, acc_t(0)),
                          std::vector<acc_t>(g.channels, acc_t(0))};
-    backward_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                    need_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr, g,
-                    params, train, sum_dy.defined() ? &sums : nullptr);
+    math::visit_activation(fused.activation, [&](auto act) {
+      backward_kernel<decltype(act)::value>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr, g, params,
+          train, sum_dy.defined() ? &sums : nullptr);
+    });
     if (sum_dy.defined()) {
       write_channels(sums.dy, sum_dy);
       write_channels(sums.dy_xmu, sum_dy_xmu);
@@ -845,8 +910,10 @@ void backward_elemt(const at::Tensor& dy, const at::Tensor& x, const Geometry& g
       coeffs[c] = math::backward_coeffs(means[c], invstds[c], weights[c], mean_dys[c],
                                         mean_dy_xmus[c], true);
     }
-    grad_input_pass(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                    grad_input.mutable_data_ptr<scalar_t>(), g, coeffs);
+    grad_input_pass<Activation::Identity>(dy.const_data_ptr<scalar_t>(),
+                                          x.const_data_ptr<scalar_t>(),
+                                          grad_input.mutable_data_ptr<scalar_t>(), g, coeffs,
+                                          acc_t(0));
   });
 }
 

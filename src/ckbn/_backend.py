@@ -88,7 +88,8 @@ def _register_fakes() -> None:
         return _stats_like(input), _stats_like(input)
 
     @torch.library.register_fake("ckbn::normalize")
-    def _(input, mean, invstd, weight, bias):
+    def _(input, mean, invstd, weight, bias, activation="identity", activation_param=0.0):
+        reference._check_activation(activation, activation_param, "ckbn::normalize")
         return _like_input(input)
 
     @torch.library.register_fake("ckbn::update_running_stats")
@@ -96,7 +97,9 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("ckbn::backward")
-    def _(grad_output, input, mean, invstd, weight, train, output_mask):
+    def _(grad_output, input, mean, invstd, weight, train, output_mask, bias=None, activation="identity",
+          activation_param=0.0):
+        reference._check_activation(activation, activation_param, "ckbn::backward")
         param_dtype = weight.dtype if weight is not None else mean.dtype
         grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
         grad_weight = mean.new_empty((input.size(1),) if output_mask[1] else (0,), dtype=param_dtype)

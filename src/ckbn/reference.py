@@ -8,10 +8,13 @@ torch's own. Signatures and results match the ``torch.ops.ckbn`` schemas in ``cs
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from . import activations
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,6 +77,23 @@ def _check_grad_output(grad_output: Tensor, input: Tensor, op: str) -> None:
         raise RuntimeError(f"{op}: expected grad_output of dtype {input.dtype}, but got {grad_output.dtype}")
 
 
+def _check_activation(activation: str, activation_param: float, op: str) -> None:
+    """The checks of csrc/ops.cpp's parse_activation, with its messages."""
+    if activation not in activations.ACTIVATIONS:
+        names = ", ".join(f"'{name}'" for name in activations.ACTIVATIONS)
+        raise RuntimeError(f"{op}: activation must be one of {names}, but got '{activation}'")
+    if activation == "leaky_relu":
+        if not math.isfinite(activation_param):
+            raise RuntimeError(
+                f"{op}: leaky_relu's negative slope (activation_param) must be a finite number, "
+                f"but got {activation_param}"
+            )
+    elif activation_param != 0.0:
+        raise RuntimeError(
+            f"{op}: activation '{activation}' takes no parameter, but got activation_param={activation_param}"
+        )
+
+
 def _channel_shape(input: Tensor) -> Tuple[int, ...]:
     """Shape that broadcasts a (C,) vector against input: (1, C, 1, ...)."""
     return (1, input.size(1)) + (1,) * (input.dim() - 2)
@@ -109,15 +129,29 @@ def batch_stats(input: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     return mean, torch.rsqrt(var + eps)
 
 
-def normalize(
+def _pre_activation(
     input: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
+) -> Tensor:
+    """(input - mean) * invstd * weight + bias in the statistics dtype."""
+    scale = invstd.reshape(_channel_shape(input)) * _per_channel(weight, input, 1.0)
+    return (input.to(mean.dtype) - mean.reshape(_channel_shape(input))) * scale + _per_channel(bias, input, 0.0)
+
+
+def normalize(
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    activation: str = "identity",
+    activation_param: float = 0.0,
 ) -> Tensor:
     op = "ckbn::normalize"
     _check_input(input, op)
     _check_stats(input, op, mean=mean, invstd=invstd)
     _check_affine(input, op, weight=weight, bias=bias)
-    scale = invstd.reshape(_channel_shape(input)) * _per_channel(weight, input, 1.0)
-    out = (input.to(mean.dtype) - mean.reshape(_channel_shape(input))) * scale + _per_channel(bias, input, 0.0)
+    _check_activation(activation, activation_param, op)
+    out = activations.apply(_pre_activation(input, mean, invstd, weight, bias), activation, activation_param)
     return out.to(input.dtype).contiguous(memory_format=_memory_format(input))
 
 
@@ -155,6 +189,11 @@ def backward_reduce(grad_output: Tensor, input: Tensor, mean: Tensor) -> Tuple[T
     _check_input(input, op)
     _check_grad_output(grad_output, input, op)
     _check_stats(input, op, mean=mean)
+    return _grad_sums(grad_output, input, mean)
+
+
+def _grad_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
+    """sum(dy) and sum(dy * (x - mean)) per channel, in the statistics dtype."""
     acc = mean.dtype
     dy = grad_output.to(acc)
     dims = _reduce_dims(input)
@@ -208,17 +247,26 @@ def backward(
     weight: Optional[Tensor],
     train: bool,
     output_mask: Sequence[bool],
+    bias: Optional[Tensor] = None,
+    activation: str = "identity",
+    activation_param: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     op = "ckbn::backward"
     _check_input(input, op)
     _check_grad_output(grad_output, input, op)
     _check_stats(input, op, mean=mean, invstd=invstd)
-    _check_affine(input, op, weight=weight)
+    _check_affine(input, op, weight=weight, bias=bias)
+    _check_activation(activation, activation_param, op)
     need_input, need_weight, need_bias = output_mask
+    if activation != "identity":
+        # The batch-norm backward of dz = dy * act'(z), z recomputed; dz stays in the statistics
+        # dtype, so that half input loses no precision to it.
+        z = _pre_activation(input, mean, invstd, weight, bias)
+        grad_output = grad_output.to(mean.dtype) * activations.derivative(z, activation, activation_param)
     param_dtype = weight.dtype if weight is not None else mean.dtype
 
     if train or need_weight or need_bias:
-        sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean)
+        sum_dy, sum_dy_xmu = _grad_sums(grad_output, input, mean)
     count = input.numel() // input.size(1)
 
     grad_input = input.new_empty((0,))

@@ -24,11 +24,13 @@ using OptTensor = std::optional<Tensor>;
 
 // The C++ signatures the kernels are registered with (csrc/cpu/batch_norm.cpp).
 using BatchStatsFn = std::tuple<Tensor, Tensor>(const Tensor&, double);
-using NormalizeFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&);
+using NormalizeFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                           c10::string_view, double);
 using UpdateRunningStatsFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                   std::optional<double>, double, int64_t);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const OptTensor&, bool, std::array<bool, 3>);
+                                                      const OptTensor&, bool, std::array<bool, 3>,
+                                                      const OptTensor&, c10::string_view, double);
 using BackwardReduceFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&);
 using BackwardElemtFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                const Tensor&, const Tensor&);
@@ -142,7 +144,7 @@ void training_forward_matches_native() {
     const auto [mean, invstd] = op<BatchStatsFn>("ckbn::batch_stats").call(x, kEps);
     check_close(mean, save_mean, 1e-6, 1e-6, "mean");
     check_close(invstd, save_invstd, 1e-5, 1e-6, "invstd");
-    const Tensor y = op<NormalizeFn>("ckbn::normalize").call(x, mean, invstd, p.weight, p.bias);
+    const Tensor y = op<NormalizeFn>("ckbn::normalize").call(x, mean, invstd, p.weight, p.bias, "identity", 0.0);
     check_close(y, expected, c.rtol, c.atol, "output");
     const auto format = c.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     check(y.is_contiguous(format), "output keeps the input's memory format");
@@ -189,7 +191,8 @@ void backward_matches_native() {
           at::native_batch_norm_backward(grad_out, x, p.weight, p.running_mean, p.running_var, mean, invstd,
                                          train, kEps, {true, true, true});
       const auto [g_input, g_weight, g_bias] = op<BackwardFn>("ckbn::backward")
-                                                   .call(grad_out, x, mean, invstd, p.weight, train, {true, true, true});
+                                                   .call(grad_out, x, mean, invstd, p.weight, train, {true, true, true}, p.bias,
+                                                         "identity", 0.0);
       const std::string mode = train ? "train " : "eval ";
       check_close(g_input, e_input, c.rtol, c.atol, mode + "grad_input");
       check_close(g_weight, e_weight, c.rtol, c.atol * 10, mode + "grad_weight");
@@ -208,7 +211,8 @@ void backward_halves_match_fused() {
     const Params p = make_params(c);
     const auto [mean, invstd] = op<BatchStatsFn>("ckbn::batch_stats").call(x, kEps);
     const auto [fused, grad_weight, grad_bias] =
-        op<BackwardFn>("ckbn::backward").call(grad_out, x, mean, invstd, p.weight, true, {true, false, false});
+        op<BackwardFn>("ckbn::backward").call(grad_out, x, mean, invstd, p.weight, true, {true, false, false},
+                                               p.bias, "identity", 0.0);
     const auto [sum_dy, sum_dy_xmu] = op<BackwardReduceFn>("ckbn::backward_reduce").call(grad_out, x, mean);
     const double count = static_cast<double>(x.numel() / x.size(1));
     const Tensor split = op<BackwardElemtFn>("ckbn::backward_elemt")
@@ -229,13 +233,13 @@ void replayed_normalize_is_bitwise_equal() {
     const Tensor recorded_mean = mean.clone();
     const Tensor recorded_invstd = invstd.clone();
     const auto normalize = op<NormalizeFn>("ckbn::normalize");
-    const Tensor forward = normalize.call(x, mean, invstd, p.weight, p.bias);
+    const Tensor forward = normalize.call(x, mean, invstd, p.weight, p.bias, "identity", 0.0);
     Tensor batches = at::zeros({}, c.param_options().dtype(at::kLong));
     op<UpdateRunningStatsFn>("ckbn::update_running_stats")
         .call(p.running_mean, p.running_var, batches, mean, invstd, kMomentum, kEps, x.numel() / x.size(1));
     check(at::equal(mean, recorded_mean) && at::equal(invstd, recorded_invstd),
           "update_running_stats leaves the batch statistics alone");
-    const Tensor replayed = normalize.call(x, recorded_mean, recorded_invstd, p.weight, p.bias);
+    const Tensor replayed = normalize.call(x, recorded_mean, recorded_invstd, p.weight, p.bias, "identity", 0.0);
     check(at::equal(replayed, forward), "replayed output equals the training forward bitwise");
     check(replayed.strides() == forward.strides(), "replayed output has the forward's strides");
   });
