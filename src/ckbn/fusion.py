@@ -88,9 +88,16 @@ def fuse(model: nn.Module, *, return_report: bool = False):
     ``ckbn.convert_model(model, fuse_activations=True)`` to convert those too.
     """
     names: Dict[int, str] = {}
+    default_reasons: Dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             names.setdefault(id(module), name or "(the model itself)")
+            fusable = type(module) in _FUSED_CLASS or _is_timm_batch_norm_act(module)
+            default_reasons[id(module)] = (
+                "not called from a forward that fuse() could analyse"
+                if fusable
+                else f"{type(module).__name__} is not a BatchNorm class that fuse() replaces"
+            )
     fuser = _Fuser()
     model = fuser.visit(model)
     report = FusionReport()
@@ -98,7 +105,7 @@ def fuse(model: nn.Module, *, return_report: bool = False):
         if key in fuser.fused:
             report.fused[name] = fuser.fused[key]
         else:
-            report.left[name] = fuser.reasons.get(key, "not called from a forward that fuse() could analyse")
+            report.left[name] = fuser.reasons.get(key, default_reasons[key])
     logger.info("%s", report)
     return (model, report) if return_report else model
 
