@@ -32,8 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +46,7 @@ OUT = Path(__file__).resolve().parent / "out"
 CLASSES = 10
 
 
-@dataclass(frozen=True)
-class Variant:
+class Variant(NamedTuple):
     name: str
     checkpoint: Optional[Callable]
     convert: Optional[Callable[[nn.Module], nn.Module]]  # applied to a copy of the torch model
