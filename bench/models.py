@@ -1,10 +1,13 @@
 """Model-level benchmark: one checkpointed training step (forward and backward) of torchvision's
-ResNet-18 and DenseNet-121 on small images, in three variants:
+ResNet-18 and DenseNet-121 on small images and ResNet-50 (batch 8 of 128x128, one checkpoint per
+stage), in four variants:
 
 * ``no checkpoint``: torch's BatchNorm, every activation kept;
-* ``torch``: torch.utils.checkpoint around every residual block (ResNet) or every dense block and
-  transition (DenseNet), torch's BatchNorm;
-* ``ckbn``: ckbn.checkpoint around the same blocks, ckbn's BatchNorm.
+* ``torch``: torch.utils.checkpoint around every residual block (ResNet-18), stage (ResNet-50) or
+  dense block and transition (DenseNet), torch's BatchNorm and activations;
+* ``ckbn``: ckbn.checkpoint around the same blocks, ckbn's BatchNorm;
+* ``ckbn fused``: the same, with BatchNorm + activation pairs fused
+  (``ckbn.convert_model(model, fuse_activations=True)``).
 
 The variants run side by side in one process, alternating run by run, and every figure is also
 given as a ratio to ``torch`` from the same run. On CPU: time is the minimum over --repeats runs on
@@ -23,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +40,23 @@ import torchvision
 from torch import nn
 
 import ckbn
-from ckbn.__main__ import CheckpointedNet, Config, SavedTensorBytes, default_device, torch_checkpoint
+from ckbn.__main__ import CheckpointedNet, SavedTensorBytes, default_device, torch_checkpoint
 
 OUT = Path(__file__).resolve().parent / "out"
 CLASSES = 10
 
+
+class Variant(NamedTuple):
+    name: str
+    checkpoint: Optional[Callable]
+    convert: Optional[Callable[[nn.Module], nn.Module]]  # applied to a copy of the torch model
+
+
 VARIANTS = (
-    Config("no checkpoint", None, False),
-    Config("torch", torch_checkpoint, False),
-    Config("ckbn", ckbn.checkpoint, True),
+    Variant("no checkpoint", None, None),
+    Variant("torch", torch_checkpoint, None),
+    Variant("ckbn", ckbn.checkpoint, ckbn.convert_model),
+    Variant("ckbn fused", ckbn.checkpoint, functools.partial(ckbn.convert_model, fuse_activations=True)),
 )
 BASELINE = "torch"
 
@@ -56,6 +68,12 @@ def resnet18() -> CheckpointedNet:
     return CheckpointedNet(stem, blocks, nn.Sequential(m.avgpool, nn.Flatten(), m.fc))
 
 
+def resnet50() -> CheckpointedNet:
+    m = torchvision.models.resnet50(num_classes=CLASSES)
+    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
+    return CheckpointedNet(stem, [m.layer1, m.layer2, m.layer3, m.layer4], nn.Sequential(m.avgpool, nn.Flatten(), m.fc))
+
+
 def densenet121() -> CheckpointedNet:
     m = torchvision.models.densenet121(num_classes=CLASSES)
     # features: conv0 norm0 relu0 pool0, then dense blocks and transitions, then norm5
@@ -64,13 +82,18 @@ def densenet121() -> CheckpointedNet:
     return CheckpointedNet(nn.Sequential(*features[:4]), features[4:-1], head)
 
 
-MODELS: Dict[str, Callable[[], CheckpointedNet]] = {"resnet18": resnet18, "densenet121": densenet121}
+# name -> (builder, default batch size, default image size)
+MODELS: Dict[str, Tuple[Callable[[], CheckpointedNet], int, int]] = {
+    "resnet18": (resnet18, 16, 32),
+    "densenet121": (densenet121, 16, 32),
+    "resnet50": (resnet50, 8, 128),
+}
 
 
-def variant_model(model: CheckpointedNet, variant: Config) -> CheckpointedNet:
+def variant_model(model: CheckpointedNet, variant: Variant) -> CheckpointedNet:
     model = copy.deepcopy(model)
-    if variant.ckbn_batchnorm:
-        model = ckbn.convert_model(model)
+    if variant.convert is not None:
+        model = variant.convert(model)
     model.checkpoint = variant.checkpoint
     return model
 
@@ -109,7 +132,7 @@ def seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def benchmark(name: str, batch_size: int, image_size: int, repeats: int, device: torch.device) -> List[dict]:
     torch.manual_seed(0)
-    base = MODELS[name]().to(device)
+    base = MODELS[name][0]().to(device)
     models = {variant.name: variant_model(base, variant) for variant in VARIANTS}
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(CLASSES, (batch_size,), device=device)
@@ -129,6 +152,8 @@ def benchmark(name: str, batch_size: int, image_size: int, repeats: int, device:
     return [
         {
             "model": name,
+            "batch_size": batch_size,
+            "image_size": image_size,
             "variant": variant,
             "time_ms": time_ms[variant],
             "time_ratio": time_ms[variant] / time_ms[BASELINE],
@@ -141,16 +166,17 @@ def benchmark(name: str, batch_size: int, image_size: int, repeats: int, device:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"{report['machine']}; ckbn backend: {report['ckbn_backend']}; torch {report['torch']}; batch "
-        f"{report['batch_size']} of {report['image_size']}x{report['image_size']}; time: {report['time']}; "
-        f"memory: {report['memory']}. Ratios are to `{BASELINE}` (torch.utils.checkpoint + torch BatchNorm).",
+        f"{report['machine']}; ckbn backend: {report['ckbn_backend']}; torch {report['torch']}; "
+        f"time: {report['time']}; memory: {report['memory']}. Ratios are to `{BASELINE}` "
+        "(torch.utils.checkpoint + torch BatchNorm).",
         "",
-        "| model | variant | time (ms) | time / torch | memory (MiB) | memory / torch |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | variant | batch | time (ms) | time / torch | memory (MiB) | memory / torch |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['time_ms']:.1f} | {r['time_ratio']:.2f} | "
+            f"| {r['model']} | {r['variant']} | {r['batch_size']} of {r['image_size']}² | {r['time_ms']:.1f} | "
+            f"{r['time_ratio']:.2f} | "
             f"{r['memory_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -188,16 +214,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if ckbn can run there, else cpu)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
-    parser.add_argument("--batch-size", type=int, default=16, help="default 16")
-    parser.add_argument("--image-size", type=int, default=32, help="default 32 (DenseNet-121 needs at least 32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: each model's (16; ResNet-50: 8)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="default: each model's (32; ResNet-50: 128); DenseNet needs 32+"
+    )
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--quick", action="store_true", help="smoke test: batch 2, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke test: batch 2 of 32x32, 2 repeats")
     parser.add_argument("--json", type=Path, default=OUT / "models.json", help="default bench/out/models.json")
     parser.add_argument("--md", type=Path, default=OUT / "models.md", help="default bench/out/models.md")
     parser.add_argument("--plot", type=Path, default=OUT / "models.png", help="default bench/out/models.png")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch_size, args.repeats = 2, 2
+        args.batch_size, args.image_size, args.repeats = 2, 32, 2
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
@@ -213,7 +241,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = [
             row
             for name in args.models.split(",")
-            for row in benchmark(name, args.batch_size, args.image_size, args.repeats, device)
+            for row in benchmark(
+                name,
+                args.batch_size or MODELS[name][1],
+                args.image_size or MODELS[name][2],
+                args.repeats,
+                device,
+            )
         ]
     finally:
         torch.set_num_threads(threads)
@@ -223,8 +257,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "device": str(device),
         "ckbn_backend": ckbn.backend(),
         "torch": torch.__version__,
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
         "repeats": args.repeats,
         "time": f"minimum of {args.repeats} runs" if cpu else f"median of {args.repeats} runs (CUDA events)",
         "memory": "activation bytes saved for backward" if cpu else "max_memory_allocated above model and gradients",

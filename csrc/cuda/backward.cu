@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
     red.mean = mean_c.const_data_ptr<acc_t>();
     red.sum_dy = sum_dy.data_ptr<acc_t>();
     red.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
-    run_grad_reduction(red, plan_grad_reduction<scalar_t>(g, {red.x, red.dy}, view), g, view);
+    run_grad_reduction(red, plan_grad_reduction<scalar_t, math::Activation::Identity>(g, {red.x, red.dy}, view), g, view);
   });
   return {sum_dy, sum_dy_xmu};
 }

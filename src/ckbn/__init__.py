@@ -2,6 +2,7 @@
 
     import ckbn
     model = ckbn.convert_model(model)            # or build with ckbn.BatchNorm2d directly
+    model = ckbn.convert_model(model, fuse_activations=True)  # also fuse BatchNorm + activation pairs
     y = ckbn.checkpoint(block, x)                # recompute replays BatchNorm statistics
     y = ckbn.functional.batch_norm(x, running_mean, running_var, training=True)
     with ckbn.frozen_running_stats(model):       # e.g. SAM's second forward: counts nothing
@@ -17,6 +18,7 @@ from ._backend import cuda_compiled
 from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
 from .distributed import SyncBatchNorm
 from .function import BatchNormFunction
+from .fusion import FusionReport, fuse
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -26,6 +28,7 @@ from .modules import (
     LazyBatchNorm3d,
     convert_model,
 )
+from .norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .running_stats import frozen_running_stats
 
 __version__ = "0.1.0"
@@ -40,6 +43,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "FusionReport",
     "BatchNormFunction",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
@@ -52,5 +59,6 @@ __all__ = [
     "cuda_compiled",
     "frozen_running_stats",
     "functional",
+    "fuse",
     "update_running_stats_in_backward",
 ]

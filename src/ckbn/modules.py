@@ -325,14 +325,22 @@ def _replace_modules(module: torch.nn.Module, replacement: Callable[[torch.nn.Mo
     return module
 
 
-def convert_model(module: torch.nn.Module) -> torch.nn.Module:
+def convert_model(module: torch.nn.Module, fuse_activations: bool = False) -> torch.nn.Module:
     """Replace every torch BatchNorm1d/2d/3d and LazyBatchNorm1d/2d/3d (materialised or not) in
     ``module`` with its ckbn equivalent, recursively.
+
+    With ``fuse_activations=True``, first :func:`ckbn.fuse` each BatchNorm whose only consumer is an
+    activation into one ``ckbn.BatchNormAct*d`` module, then convert the rest.
 
     Parameters and buffers are shared, not copied, and ``requires_grad`` and the training flag are
     kept. Returns the converted module (a new object when ``module`` itself is a BatchNorm), like
     :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
     """
+
+    if fuse_activations:
+        from .fusion import fuse  # fusion builds on this module
+
+        module = fuse(module)
 
     def replacement(child: torch.nn.Module) -> Optional[torch.nn.Module]:
         target_cls = _CONVERSIONS.get(type(child))
