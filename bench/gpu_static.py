@@ -148,6 +148,7 @@ class Kernel:
     loop_loads: Dict[str, int] = field(default_factory=dict)
     loop_stores: Dict[str, int] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
+    known: List[str] = field(default_factory=list)  # findings of KNOWN_LOCAL_MEMORY
 
     @property
     def streams(self) -> bool:
@@ -267,12 +268,29 @@ def kernels_of(library: str, cuobjdump: str, nvdisasm_dir: Optional[str]) -> Lis
     return sorted(kernels.values(), key=lambda k: k.name)
 
 
+# Findings known and not yet fixed, each with its reason. They are listed in the report as known,
+# and do not fail --check; any other finding does. An entry is removed once its kernel is fixed.
+#   (kernel, op, dtype, vector width) whose local memory is known:
+KNOWN_LOCAL_MEMORY = {
+    (base, "GradReduction", dtype, 1): "8-byte stack in the scalar (unaligned) fp16/bf16 NCHW backward reduction"
+    for base in ("reduce_planes_kernel",) for dtype in ("c10::Half", "c10::BFloat16")
+}
+#   kernel families without a 128-bit hot loop, by design:
+KNOWN_NARROW_FAMILIES = {
+    f"reduce_rows_kernel<{op}<{dtype}>>": "channels_last fp16/bf16 reductions hold 4 channels per thread "
+    "(64-bit loads) to keep one Welford or gradient state per channel in registers"
+    for op in ("StatsReduction", "GradReduction") for dtype in ("c10::Half", "c10::BFloat16")
+}
+
+
 def judge_kernel(k: Kernel, block_threads: int) -> None:
     k.threads = block_threads
     o = occupancy(k.regs, k.shared, block_threads)
     k.blocks_per_sm, k.occupancy, k.limiter = o["blocks_per_sm"], o["occupancy"], o["limiter"]
     if k.stack or k.local or k.spill_instructions:
-        k.problems.append(f"local memory: stack {k.stack} B, local {k.local} B, {k.spill_instructions} LDL/STL")
+        finding = f"local memory: stack {k.stack} B, local {k.local} B, {k.spill_instructions} LDL/STL"
+        reason = KNOWN_LOCAL_MEMORY.get((k.base, k.op, k.dtype, k.vec))
+        (k.known if reason else k.problems).append(finding + (f" (known: {reason})" if reason else ""))
     if k.streams and k.element_bits in (16, 32):
         designed = str(min(128, k.vec * k.element_bits))
         off = {w: n for w, n in {**k.loop_loads}.items() if w != designed}
@@ -441,6 +459,9 @@ def markdown(report: dict) -> str:
     problems += [f"kernels: no 128-bit hot-loop path: {f}" for f in report.get("families_without_wide_loads", [])]
     if problems:
         lines += ["### Failing items", ""] + [f"- {p}" for p in problems[:60]] + [""]
+    if report.get("known_findings"):
+        lines += ["### Known findings, not yet fixed (not counted as failing; see KNOWN_* in bench/gpu_static.py)", ""]
+        lines += [f"- {p}" for p in report["known_findings"]] + [""]
     lines += ["## Kernels (sm_90)", "",
               "Occupancy: blocks per SM = min(64 warps / warps per block, 32, register limit, shared limit); "
               "registers per warp = ceil(regs x 32 / 256) x 256, each of the 4 sub-partitions holds "
@@ -511,10 +532,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     kernels = kernels_of(library, cuobjdump, os.path.dirname(nvdisasm))
     for k in kernels:
         judge_kernel(k, BLOCK_THREADS)
-    narrow_families = families_without_wide_loads(kernels)
+    narrow = families_without_wide_loads(kernels)
+    narrow_families = [f for f in narrow if f not in KNOWN_NARROW_FAMILIES]
+    known = [f"{k.name.split('(')[0]}: {finding}" for k in kernels for finding in k.known]
+    known += [f"no 128-bit hot-loop path: {f} (known: {KNOWN_NARROW_FAMILIES[f]})" for f in narrow
+              if f in KNOWN_NARROW_FAMILIES]
     report = {"date": datetime.date.today().isoformat(), "library": os.path.relpath(library, ROOT),
               "model": "static (cuobjdump + emulator), not a GPU measurement", "limits": SM90, "device": H100,
-              "kernels": [dict(asdict(k)) for k in kernels], "families_without_wide_loads": narrow_families}
+              "kernels": [dict(asdict(k)) for k in kernels], "families_without_wide_loads": narrow_families,
+              "known_findings": known}
 
     if not args.no_emulator:
         traffic = emulate("traffic", [], {})["cases"]  # builds the emulator library on first use
