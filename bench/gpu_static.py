@@ -167,9 +167,20 @@ def unify(demangled: str) -> str:
     return ANON.sub("", demangled).replace("void ", "", 1) if demangled.startswith("void ") else ANON.sub("", demangled)
 
 
+def head_of(name: str) -> str:
+    """A demangled kernel name without its parameter list: up to the first "(" outside the template
+    arguments (which hold casts such as ``(ckbn::math::Activation)1``)."""
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
 def describe(name: str) -> dict:
     """base name, op, data dtype and vector width from a demangled kernel name."""
-    head = name.split("(", 1)[0]
+    head = head_of(name)
     base = re.sub(r"<.*", "", head).split("::")[-1]
     args = head[len(head.split("<", 1)[0]) + 1:-1] if "<" in head else ""
     op = re.sub(r"<.*", "", args).split("::")[-1].strip()
@@ -453,7 +464,7 @@ def markdown(report: dict) -> str:
                    [[name, v["items"], v["failing"], "PASS" if v["failing"] == 0 else "FAIL"] for name, v in s.items()])
     lines += ["", f"library: `{report['library']}`", ""]
     problems = [p for section in ("kernels", "traffic", "plans") for r in report.get(section, []) for p in
-                (f"{section}: {(r.get('name') or r.get('op')).split('(')[0]} {r.get('shape', '')} {r.get('layout', '')} "
+                (f"{section}: {head_of(r.get('name') or r.get('op'))} {r.get('shape', '')} {r.get('layout', '')} "
                  f"{'' if 'name' in r else r.get('dtype', '')}: {q}"
                  for q in r["problems"])]
     problems += [f"kernels: no 128-bit hot-loop path: {f}" for f in report.get("families_without_wide_loads", [])]
@@ -470,7 +481,7 @@ def markdown(report: dict) -> str:
               "instructions by width in bits (all, and in innermost loops).", ""]
     lines += table(["kernel", "regs", "stack", "LDL/STL", "shared", "blocks/SM", "occupancy", "loads", "hot-loop loads",
                     "stores", "ok"],
-                   [[k["name"].split("(")[0], k["regs"], k["stack"], k["spill_instructions"], k["shared"],
+                   [[head_of(k["name"]), k["regs"], k["stack"], k["spill_instructions"], k["shared"],
                      k["blocks_per_sm"], f"{k['occupancy']:.0%}", widths(k["loads"]), widths(k["loop_loads"]),
                      widths(k["stores"]), "yes" if not k["problems"] else "NO"] for k in report["kernels"]])
     if report.get("traffic"):
@@ -534,7 +545,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         judge_kernel(k, BLOCK_THREADS)
     narrow = families_without_wide_loads(kernels)
     narrow_families = [f for f in narrow if f not in KNOWN_NARROW_FAMILIES]
-    known = [f"{k.name.split('(')[0]}: {finding}" for k in kernels for finding in k.known]
+    known = [f"{head_of(k.name)}: {finding}" for k in kernels for finding in k.known]
     known += [f"no 128-bit hot-loop path: {f} (known: {KNOWN_NARROW_FAMILIES[f]})" for f in narrow
               if f in KNOWN_NARROW_FAMILIES]
     report = {"date": datetime.date.today().isoformat(), "library": os.path.relpath(library, ROOT),

@@ -16,7 +16,7 @@ int main() {
   const auto normalize =
       dispatcher.findSchemaOrThrow("ckbn::normalize", "")
           .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                        const std::optional<Tensor>&)>();
+                        const std::optional<Tensor>&, c10::string_view, double)>();
   const auto update_running_stats =
       dispatcher.findSchemaOrThrow("ckbn::update_running_stats", "")
           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -24,7 +24,8 @@ int main() {
   const auto backward =
       dispatcher.findSchemaOrThrow("ckbn::backward", "")
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                    const std::optional<Tensor>&, bool, std::array<bool, 3>)>();
+                                                    const std::optional<Tensor>&, bool, std::array<bool, 3>,
+                                                    const std::optional<Tensor>&, c10::string_view, double)>();
 
   const int64_t channels = 8;
   const double eps = 1e-5, momentum = 0.1;
@@ -37,19 +38,20 @@ int main() {
 
   // Training forward: batch statistics, normalize, then count the batch in the running statistics.
   const auto [mean, invstd] = batch_stats.call(x, eps);
-  const Tensor y = normalize.call(x, mean, invstd, weight, bias);
+  const Tensor y = normalize.call(x, mean, invstd, weight, bias, "identity", 0.0);
   update_running_stats.call(running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps,
                             x.numel() / channels);
 
   // A checkpoint's recompute normalizes with the recorded statistics: the same output, bit for bit.
-  const bool replay_exact = at::equal(normalize.call(x, mean, invstd, weight, bias), y);
+  const bool replay_exact = at::equal(normalize.call(x, mean, invstd, weight, bias, "identity", 0.0), y);
 
   // Backward of loss = sum(y * g): the gradients with respect to input, weight and bias.
   const Tensor g = at::randn_like(y);
-  const auto [grad_input, grad_weight, grad_bias] = backward.call(g, x, mean, invstd, weight, true, {true, true, true});
+  const auto [grad_input, grad_weight, grad_bias] = backward.call(g, x, mean, invstd, weight, true, {true, true, true},
+                                                                      bias, "identity", 0.0);
 
   // Eval forward with the running statistics.
-  const Tensor y_eval = normalize.call(x, running_mean, (running_var + eps).rsqrt(), weight, bias);
+  const Tensor y_eval = normalize.call(x, running_mean, (running_var + eps).rsqrt(), weight, bias, "identity", 0.0);
 
   std::cout << "output channels_last: " << y.is_contiguous(at::MemoryFormat::ChannelsLast)
             << "\nreplay bitwise equal: " << replay_exact
