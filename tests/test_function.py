@@ -82,8 +82,8 @@ def test_fused_saves_only_input_weight_bias_mean_invstd(device, memory_format, a
     x = torch.randn(8, 16, 10, 10, device=device).contiguous(memory_format=memory_format).requires_grad_()
     y, saved = _with_saved_tensors(lambda: batch_norm_forward(bn, x, activation=activation, activation_param=param))
     assert len(saved) == 5
-    assert saved[0] is x and saved[1] is bn.weight and saved[4] is bn.bias
-    assert [tuple(t.shape) for t in saved[2:4]] == [(16,), (16,)]
+    assert saved[0] is x and saved[1] is bn.weight and saved[2] is bn.bias
+    assert [tuple(t.shape) for t in saved[3:]] == [(16,), (16,)]  # mean, invstd
     saved_bytes = sum(t.numel() * t.element_size() for t in saved)
     assert saved_bytes == x.numel() * x.element_size() + 4 * 16 * 4
     y.sum().backward()  # the saved set is sufficient for backward
