@@ -283,8 +283,14 @@ def kernels_of(library: str, cuobjdump: str, nvdisasm_dir: Optional[str]) -> Lis
 # and do not fail --check; any other finding does. An entry is removed once its kernel is fixed.
 #   (kernel, op, dtype, vector width) whose local memory is known:
 KNOWN_LOCAL_MEMORY = {
-    (base, "GradReduction", dtype, 1): "8-byte stack in the scalar (unaligned) fp16/bf16 NCHW backward reduction"
-    for base in ("reduce_planes_kernel",) for dtype in ("c10::Half", "c10::BFloat16")
+    **{("reduce_planes_kernel", "GradReduction", dtype, 1): "the scalar (unaligned) fp16/bf16 NCHW backward "
+       "reduction with a fused ReLU, ReLU6 or LeakyReLU sits at the 64-register cap of 2 blocks of 512 threads "
+       "and spills 8 B of its unit walk" for dtype in ("c10::Half", "c10::BFloat16")},
+    **{("elementwise_rows_kernel", "BackwardElementwise", dtype, 8): "the fp16/bf16 channels_last grad_input "
+       "kernel at 8 channels per thread with a fused activation exceeds 64 registers (SiLU, Hardswish: 48 B "
+       "spilled; ReLU, LeakyReLU: 8 B)" for dtype in ("c10::Half", "c10::BFloat16")},
+    ("reduce_rows_kernel", "GradReduction", "double", 2): "the fp64 channels_last backward reduction with a "
+    "fused Hardswish spills 8 B",
 }
 #   kernel families without a 128-bit hot loop, by design:
 KNOWN_NARROW_FAMILIES = {
@@ -460,8 +466,9 @@ def markdown(report: dict) -> str:
              "of tests/cuda_emulation, which runs the real host code and kernels on the CPU; occupancy and waves are "
              f"computed for an {H100['name']} ({H100['sms']} SMs, {H100['l2_bytes'] >> 20} MB L2).", "",
              "## Summary", ""]
-    lines += table(["check", "items", "failing", "verdict"],
-                   [[name, v["items"], v["failing"], "PASS" if v["failing"] == 0 else "FAIL"] for name, v in s.items()])
+    lines += table(["check", "items", "failing", "known, not yet fixed", "verdict"],
+                   [[name, v["items"], v["failing"], v.get("known", 0), "PASS" if v["failing"] == 0 else "FAIL"]
+                    for name, v in s.items()])
     lines += ["", f"library: `{report['library']}`", ""]
     problems = [p for section in ("kernels", "traffic", "plans") for r in report.get(section, []) for p in
                 (f"{section}: {head_of(r.get('name') or r.get('op'))} {r.get('shape', '')} {r.get('layout', '')} "
@@ -574,13 +581,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ks = report["kernels"]
     summary = {
-        "kernels without spills or local memory": count(ks, lambda k: any(p.startswith("local") for p in k["problems"])),
+        "kernels without spills or local memory": {
+            **count(ks, lambda k: any(p.startswith("local") for p in k["problems"])),
+            "known": sum(1 for k in ks if k["known"])},
         "hot loops at their designed load width": count(ks, lambda k: any("hot-loop" in p or "no global loads" in p
                                                                           for p in k["problems"])),
         "kernel families with a 128-bit hot loop": {"items": len({(k["base"], k["op"], k["dtype"]) for k in ks
                                                                   if k["base"].startswith(("reduce_", "elementwise_"))
                                                                   and SCALARS.get(k["dtype"]) in (16, 32)}),
-                                                    "failing": len(narrow_families)},
+                                                    "failing": len(narrow_families),
+                                                    "known": len(narrow) - len(narrow_families)},
     }
     if "traffic" in report:
         summary["operators within their designed traffic"] = count(report["traffic"], lambda r: r["problems"])
