@@ -45,8 +45,8 @@ def emulated_sources() -> dict[str, str]:
     return sources
 
 
-def load(verbose: bool = False) -> None:
-    build_dir = os.path.join(ROOT, "build", "cuda_emulation")
+def write_sources(build_dir: str) -> list:
+    """Writes the emulated sources into build_dir; returns the paths of its translation units."""
     os.makedirs(build_dir, exist_ok=True)
     units = []
     for name, text in emulated_sources().items():
@@ -57,6 +57,12 @@ def load(verbose: bool = False) -> None:
                 f.write(text)
         if name.endswith(".cpp"):
             units.append(path)
+    return units
+
+
+def load(verbose: bool = False) -> None:
+    build_dir = os.path.join(ROOT, "build", "cuda_emulation")
+    units = write_sources(build_dir)
     torch.utils.cpp_extension.load(
         name="ckbn_cuda_emulated",
         sources=[os.path.join(CSRC, "ops.cpp"), *units],

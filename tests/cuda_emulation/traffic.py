@@ -47,23 +47,10 @@ TRAFFIC_CASES = [
 TRAFFIC_DTYPES = ("float32", "float16")
 
 
-def _sources() -> dict:
-    if hasattr(build, "emulated_sources"):
-        return build.emulated_sources()
-    return {"batch_norm_emulated.cpp": build.emulated_source()}
-
-
 def load(verbose: bool = False) -> str:
     """Builds (when changed) and loads the counting emulator; returns the library's path."""
-    os.makedirs(BUILD_DIR, exist_ok=True)
     units = [os.path.join(build.CSRC, "ops.cpp"), os.path.join(HERE, "traffic.cpp")]
-    for name, text in _sources().items():
-        path = os.path.join(BUILD_DIR, name)
-        if not os.path.exists(path) or open(path).read() != text:
-            with open(path, "w") as f:
-                f.write(text)
-        if name.endswith(".cpp"):
-            units.append(path)
+    units += build.write_sources(BUILD_DIR)
     torch.utils.cpp_extension.load(
         name=NAME,
         sources=units,
