@@ -45,6 +45,13 @@ struct Kernels {
                          const at::Tensor& mean_dy_xmu, const at::Tensor& grad_input);
 };
 
+// Whether an element pass that moves `bytes_moved` bytes (reads and writes) should write its output
+// with streaming stores: true when they exceed the last-level cache that its threads share, so
+// that the output's first lines are evicted before the pass ends and nothing after it could read
+// them from the cache. A cached store reads each line in before writing it; a streaming store
+// does not, which saves a third of the traffic of a normalize. (cache.cpp)
+bool streams_output(int64_t bytes_moved);
+
 // Whether this build carries the AVX2 and AVX-512 copies (GCC on x86-64; elsewhere only DEFAULT).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CKBN_CPU_X86_DISPATCH 1

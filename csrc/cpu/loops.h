@@ -24,6 +24,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
@@ -62,7 +64,9 @@ struct Lanes<at::vec::Vectorized<T>> {
   static V select(const V& mask, const V& a, const V& b) {
     return V::blendv(b, a, mask);
   }
-  static V exp(const V& a) { return a.exp(); }
+  // ATen's faster exp (within 20 ulp for float; for double, Sleef's 1-ulp exp), as torch's own CPU
+  // softmax uses: SiLU's exp dominates its fused passes, and its error is far below the tests'.
+  static V exp(const V& a) { return a.exp_u20(); }
 };
 
 }  // namespace math
@@ -82,6 +86,44 @@ constexpr int64_t kMinChunkRows = 16;
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
+
+// Stores the vector v at p: with `streaming`, non-temporally where p is aligned to the vector's
+// size, as the streaming instructions require (cached elsewhere, and in the default build).
+template <typename V, typename T>
+C10_ALWAYS_INLINE void store_vector(T* p, const V& v, bool streaming) {
+  const bool aligned = reinterpret_cast<std::uintptr_t>(p) % sizeof(V) == 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(V) == 64) {
+    if (streaming && aligned) {
+      __m512i bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+      return;
+    }
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(V) == 32) {
+    if (streaming && aligned) {
+      __m256i bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
+      return;
+    }
+  }
+#endif
+  (void)aligned;
+  (void)streaming;
+  v.store(p);
+}
+
+// Orders this thread's streaming stores before what follows (the end of a parallel chunk): they
+// are weakly ordered, unlike cached stores.
+C10_ALWAYS_INLINE void streaming_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
 
 // kVecs vectors of acc_t, loaded from or stored to scalar_t memory (half and bfloat16 widen to
 // float). Four independent vectors per step hide the latency of dependent adds.
@@ -113,14 +155,16 @@ struct Block {
     return v;
   }
 
-  static void store(scalar_t* p, const Vecs& v) {
+  // `streaming`: see streams_output (kernels.h).
+  static void store(scalar_t* p, const Vecs& v, bool streaming) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       for (int k = 0; k < kVecs; ++k) {
-        v[k].store(p + k * Vec::size());
+        store_vector(p + k * Vec::size(), v[k], streaming);
       }
     } else {
       for (int k = 0; k < kVecs; k += 2) {
-        at::vec::convert_from_float<scalar_t>(v[k], v[k + 1]).store(p + k * Vec::size());
+        store_vector(p + k * Vec::size(), at::vec::convert_from_float<scalar_t>(v[k], v[k + 1]),
+                     streaming);
       }
     }
   }
@@ -383,6 +427,7 @@ void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>
       for (int64_t plane = begin; plane < end; ++plane) {
         run(plane * g.spatial, g.spatial, Broadcast<Coeffs, acc_t>(per_channel[plane % g.channels]));
       }
+      streaming_fence();
     });
     return;
   }
@@ -393,6 +438,7 @@ void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>
                      for_row_groups(groups, begin * groups.rows,
                                     std::min(end * groups.rows, g.rows()),
                                     [&](int64_t offset, int64_t len) { run(offset, len, columns); });
+                     streaming_fence();
                    });
 }
 
@@ -556,7 +602,7 @@ std::vector<Welford<acc_type<scalar_t>>> row_moments(const scalar_t* x, const Ge
 template <Activation act, typename scalar_t>
 void normalize_kernel(const scalar_t* x, scalar_t* y, const Geometry& g,
                       const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& coeffs,
-                      acc_type<scalar_t> slope) {
+                      acc_type<scalar_t> slope, bool streaming) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
@@ -571,7 +617,7 @@ void normalize_kernel(const scalar_t* x, scalar_t* y, const Geometry& g,
             v[k] = math::normalize_activate<act>(v[k], c.template get<Vec>(i + k * Vec::size()),
                                                  slope_vec);
           }
-          B::store(out + i, v);
+          B::store(out + i, v, streaming);
         },
         [&](int64_t i, acc_t v) {
           out[i] = static_cast<scalar_t>(
@@ -592,11 +638,12 @@ struct GradSums {
 
 // The sums over channel c of ChannelPlanes input; each plane's lanes are added up before the next
 // plane's, which keeps rounding error from growing with the batch. `z` gives back a fused
-// activation's input (only its mean is read without one).
+// activation's input (only its mean is read without one). With `dz`, the gradient through the
+// activation is stored there as well (stores_activation_grad).
 template <Activation act, typename scalar_t>
 std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
     const scalar_t* dy, const scalar_t* x, const Geometry& g, int64_t c,
-    const NormalizeCoeffs<acc_type<scalar_t>>& z, acc_type<scalar_t> slope) {
+    const NormalizeCoeffs<acc_type<scalar_t>>& z, acc_type<scalar_t> slope, scalar_t* dz) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
@@ -609,6 +656,7 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t offset = (n * g.channels + c) * g.spatial;
     const scalar_t* dy_plane = dy + offset;
+    scalar_t* dz_plane = dz == nullptr ? nullptr : dz + offset;
     auto plane_dy = B::zeros();
     auto plane_dy_xmu = B::zeros();
     for_blocks(
@@ -620,10 +668,16 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
             plane_dy[k] += d[k];
             plane_dy_xmu[k] = at::vec::fmadd(d[k], v[k] - mean_vec, plane_dy_xmu[k]);
           }
+          if (dz_plane != nullptr) {
+            B::store(dz_plane + i, d, false);  // read back at once, from the cache
+          }
         },
         [&](int64_t i, acc_t v) {
           const acc_t d =
               math::pre_activation_grad<act>(static_cast<acc_t>(dy_plane[i]), v, z, slope);
+          if (dz_plane != nullptr) {
+            dz_plane[i] = static_cast<scalar_t>(d);
+          }
           sum_dy += d;
           sum_dy_xmu += d * (v - mean);
         });
@@ -634,12 +688,12 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
 }
 
 // The sums over every channel of ChannelsLast input: slot sums per chunk, added to the row range's
-// per-channel totals, which are added up in order at the end.
+// per-channel totals, which are added up in order at the end. With `dz`, as plane_grad_sums.
 template <Activation act, typename scalar_t>
 GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x,
                                            const Geometry& g,
                                            const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& z,
-                                           acc_type<scalar_t> slope) {
+                                           acc_type<scalar_t> slope, scalar_t* dz, bool streaming) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
@@ -675,11 +729,17 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
             acc[0][k] += d[k];
             acc[1][k] = at::vec::fmadd(d[k], v[k] - Vec::loadu(slot_mean + slot), acc[1][k]);
           }
+          if (dz != nullptr) {
+            B::store(dz + offset, d, streaming);
+          }
         },
         [&](int64_t s, int64_t offset) {
           const acc_t d = math::pre_activation_grad<act>(
               static_cast<acc_t>(dy[offset]), static_cast<acc_t>(x[offset]),
               slot_z.template get<acc_t>(s), slope);
+          if (dz != nullptr) {
+            dz[offset] = static_cast<scalar_t>(d);
+          }
           slot_dy[s] += d;
           slot_dy_xmu[s] += d * (static_cast<acc_t>(x[offset]) - slot_mean[s]);
         });
@@ -689,6 +749,7 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
       total_dy[c] += chunk_dy[c];
       total_dy_xmu[c] += chunk_dy_xmu[c];
     }
+    streaming_fence();
   });
 
   GradSums<acc_t> sums{std::vector<acc_t>(g.channels, acc_t(0)),
@@ -706,7 +767,7 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
 template <Activation act, typename scalar_t, typename CoeffsAt>
 C10_ALWAYS_INLINE void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
                                       int64_t offset, int64_t len, const CoeffsAt& c,
-                                      acc_type<scalar_t> slope) {
+                                      acc_type<scalar_t> slope, bool streaming) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
@@ -721,7 +782,7 @@ C10_ALWAYS_INLINE void grad_input_run(const scalar_t* dy, const scalar_t* x, sca
           d[k] = math::fused_backward_element<act>(d[k], v[k],
                                                    c.template get<Vec>(i + k * Vec::size()), slope_vec);
         }
-        B::store(dx_run + i, d);
+        B::store(dx_run + i, d, streaming);
       },
       [&](int64_t i, acc_t v) {
         dx_run[i] = static_cast<scalar_t>(math::fused_backward_element<act>(
@@ -733,9 +794,9 @@ C10_ALWAYS_INLINE void grad_input_run(const scalar_t* dy, const scalar_t* x, sca
 template <Activation act, typename scalar_t>
 void grad_input_pass(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Geometry& g,
                      const std::vector<BackwardCoeffs<acc_type<scalar_t>>>& coeffs,
-                     acc_type<scalar_t> slope) {
+                     acc_type<scalar_t> slope, bool streaming) {
   for_each_run<scalar_t>(g, coeffs, [&](int64_t offset, int64_t len, const auto& c) {
-    grad_input_run<act>(dy, x, dx, offset, len, c, slope);
+    grad_input_run<act>(dy, x, dx, offset, len, c, slope, streaming);
   });
 }
 
@@ -759,6 +820,14 @@ BackwardCoeffs<acc_t> channel_backward_coeffs(const ChannelParams<acc_t>& p, int
                                train, p.bias[c]);
 }
 
+// Whether the backward stores dz = dy * act'(z) while it reduces, for the element pass to read back
+// instead of computing it again: worth a pass over memory for SiLU, whose derivative costs an exp
+// and a division, and exact only when dz keeps its acc_t precision in scalar_t.
+template <Activation act, typename scalar_t>
+constexpr bool stores_activation_grad() {
+  return act == Activation::Silu && std::is_same_v<scalar_t, acc_type<scalar_t>>;
+}
+
 // The backward of one batch: the sums (when `sums` is given) and grad_input (when `dx` is). For
 // ChannelPlanes both happen channel by channel, so the element pass reads what the reduction just
 // brought into cache.
@@ -768,6 +837,11 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
                      GradSums<acc_type<scalar_t>>* sums) {
   using acc_t = acc_type<scalar_t>;
   const int64_t count = g.per_channel();
+  // grad_input's pass reads dy and x and writes dx.
+  const bool streaming = dx != nullptr && streams_output(3 * g.rows() * g.channels * int64_t(sizeof(scalar_t)));
+  // dz, the gradient through the activation, goes to dx's buffer during the reduction when the
+  // element pass is to read it back rather than compute it again.
+  scalar_t* dz = stores_activation_grad<act, scalar_t>() && sums != nullptr ? dx : nullptr;
   const acc_t slope = params.slope;
   // Without an activation the sums read only the mean (backward_reduce has no invstd).
   const auto pre_activation = [&](int64_t c) {
@@ -781,7 +855,8 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
         acc_t sum_dy = 0;
         acc_t sum_dy_xmu = 0;
         if (sums != nullptr) {
-          std::tie(sum_dy, sum_dy_xmu) = plane_grad_sums<act>(dy, x, g, c, pre_activation(c), slope);
+          std::tie(sum_dy, sum_dy_xmu) =
+              plane_grad_sums<act>(dy, x, g, c, pre_activation(c), slope, dz);
           sums->dy[c] = sum_dy;
           sums->dy_xmu[c] = sum_dy_xmu;
         }
@@ -789,11 +864,17 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
           const Broadcast<BackwardCoeffs, acc_t> coeffs(
               channel_backward_coeffs(params, c, sum_dy, sum_dy_xmu, count, train));
           for (int64_t n = 0; n < g.batch; ++n) {
-            grad_input_run<act>(dy, x, dx, (n * g.channels + c) * g.spatial, g.spatial, coeffs,
-                                slope);
+            const int64_t offset = (n * g.channels + c) * g.spatial;
+            if (dz != nullptr) {
+              grad_input_run<Activation::Identity>(dz, x, dx, offset, g.spatial, coeffs, slope,
+                                                   streaming);
+            } else {
+              grad_input_run<act>(dy, x, dx, offset, g.spatial, coeffs, slope, streaming);
+            }
           }
         }
       }
+      streaming_fence();
     });
     return;
   }
@@ -802,7 +883,7 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     for (int64_t c = 0; c < g.channels; ++c) {
       z[c] = pre_activation(c);
     }
-    *sums = row_grad_sums<act>(dy, x, g, z, slope);
+    *sums = row_grad_sums<act>(dy, x, g, z, slope, dz, streaming);
   }
   if (dx != nullptr) {
     std::vector<BackwardCoeffs<acc_t>> coeffs(g.channels);
@@ -811,7 +892,11 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
                       ? channel_backward_coeffs(params, c, sums->dy[c], sums->dy_xmu[c], count, train)
                       : channel_backward_coeffs(params, c, acc_t(0), acc_t(0), count, train);
     }
-    grad_input_pass<act>(dy, x, dx, g, coeffs, slope);
+    if (dz != nullptr) {
+      grad_input_pass<Activation::Identity>(dz, x, dx, g, coeffs, slope, streaming);
+    } else {
+      grad_input_pass<act>(dy, x, dx, g, coeffs, slope, streaming);
+    }
   }
 }
 
@@ -854,9 +939,9 @@ void normalize(const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
       coeffs[c] = math::normalize_coeffs(means[c], invstds[c], weights[c], biases[c]);
     }
     math::visit_activation(fused.activation, [&](auto act) {
-      normalize_kernel<decltype(act)::value>(x.const_data_ptr<scalar_t>(),
-                                             output.mutable_data_ptr<scalar_t>(), g, coeffs,
-                                             static_cast<acc_t>(fused.param));
+      normalize_kernel<decltype(act)::value>(
+          x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, coeffs,
+          static_cast<acc_t>(fused.param), streams_output(2 * int64_t(x.nbytes())));
     });
   });
 }
@@ -913,7 +998,7 @@ void backward_elemt(const at::Tensor& dy, const at::Tensor& x, const Geometry& g
     grad_input_pass<Activation::Identity>(dy.const_data_ptr<scalar_t>(),
                                           x.const_data_ptr<scalar_t>(),
                                           grad_input.mutable_data_ptr<scalar_t>(), g, coeffs,
-                                          acc_t(0));
+                                          acc_t(0), streams_output(3 * int64_t(x.nbytes())));
   });
 }
 
