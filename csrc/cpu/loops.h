@@ -599,6 +599,14 @@ std::vector<Welford<acc_type<scalar_t>>> row_moments(const scalar_t* x, const Ge
 // ---------------------------------------------------------------------------------------------
 // normalize
 
+// Whether the element passes with `act` wait on memory rather than on arithmetic, so that
+// streaming stores speed them up. SiLU's exp makes its passes slower than memory, and streaming
+// their output measured slower than caching it (bench/ops.py, normalize and backward).
+template <Activation act>
+constexpr bool bound_by_memory() {
+  return act != Activation::Silu;
+}
+
 template <Activation act, typename scalar_t>
 void normalize_kernel(const scalar_t* x, scalar_t* y, const Geometry& g,
                       const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& coeffs,
@@ -838,7 +846,7 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   using acc_t = acc_type<scalar_t>;
   const int64_t count = g.per_channel();
   // grad_input's pass reads dy and x and writes dx.
-  const bool streaming = dx != nullptr && streams_output(3 * g.rows() * g.channels * int64_t(sizeof(scalar_t)));
+  const bool streaming = dx != nullptr && bound_by_memory<act>() && streams_output(3 * g.rows() * g.channels * int64_t(sizeof(scalar_t)));
   // dz, the gradient through the activation, goes to dx's buffer during the reduction when the
   // element pass is to read it back rather than compute it again.
   scalar_t* dz = stores_activation_grad<act, scalar_t>() && sums != nullptr ? dx : nullptr;
@@ -939,9 +947,11 @@ void normalize(const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
       coeffs[c] = math::normalize_coeffs(means[c], invstds[c], weights[c], biases[c]);
     }
     math::visit_activation(fused.activation, [&](auto act) {
-      normalize_kernel<decltype(act)::value>(
+      constexpr Activation activation = decltype(act)::value;
+      normalize_kernel<activation>(
           x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, coeffs,
-          static_cast<acc_t>(fused.param), streams_output(2 * int64_t(x.nbytes())));
+          static_cast<acc_t>(fused.param),
+          bound_by_memory<activation>() && streams_output(2 * int64_t(x.nbytes())));
     });
   });
 }
