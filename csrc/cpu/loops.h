@@ -81,6 +81,9 @@ using math::Welford;
 
 // Elements in one two-pass moments chunk: 16 KiB of float, so the second pass reads from L1.
 constexpr int64_t kChunk = 4096;
+// Fewest elements in one run of a ChannelsLast element pass (a few vector blocks; its per-channel
+// coefficient columns, tiled to its width, stay in L1).
+constexpr int64_t kElementRun = 512;
 // Fewest rows in a ChannelsLast chunk, so that merging its C results costs little per element.
 constexpr int64_t kMinChunkRows = 16;
 
@@ -431,7 +434,11 @@ void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>
     });
     return;
   }
-  const RowGroups groups = row_groups(g.channels, Block<scalar_t>::kSize);
+  // Groups of at least kElementRun elements: a run of a few blocks costs its setup per block.
+  RowGroups groups = row_groups(g.channels, Block<scalar_t>::kSize);
+  const int64_t repeat = at::divup(kElementRun, groups.width);
+  groups.rows *= repeat;
+  groups.width *= repeat;
   const Columns<Coeffs, acc_t> columns(per_channel, groups);
   at::parallel_for(0, at::divup(g.rows(), groups.rows), grain(groups.width),
                    [&](int64_t begin, int64_t end) {
