@@ -37,6 +37,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
@@ -62,23 +63,41 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_pack(const scalar_t* data, int64_t offset, acc_t* out) {
-  const Pack<scalar_t, VEC> pack = *reinterpret_cast<const Pack<scalar_t, VEC>*>(data + offset);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    out[i] = static_cast<acc_t>(pack.v[i]);
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, VEC> load_raw(const scalar_t* data, int64_t offset) {
+  return *reinterpret_cast<const Pack<scalar_t, VEC>*>(data + offset);
+}
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void store_raw(scalar_t* data, int64_t offset,
+                                          const Pack<scalar_t, VEC>& pack) {
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(data + offset) = pack;
+}
+
+// Lane v of a pack as acc_t. A bfloat16 lane is read through the 32-bit word it shares with its
+// neighbour (its float is that word shifted or masked, exactly the conversion): a 16-bit lane
+// extracted on its own would take a register from the load until its use.
+template <typename acc_t, typename scalar_t, int VEC>
+__device__ __forceinline__ acc_t lane_value(const Pack<scalar_t, VEC>& p, int v) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value && VEC % 2 == 0) {
+    std::uint32_t word;
+    std::memcpy(&word, &p.v[v - v % 2], sizeof(word));
+    const std::uint32_t bits = v % 2 == 0 ? word << 16 : word & 0xffff0000u;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else {
+    return static_cast<acc_t>(p.v[v]);
   }
 }
 
 template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_pack(scalar_t* data, int64_t offset, const acc_t* in) {
-  Pack<scalar_t, VEC> pack;
+__device__ __forceinline__ void load_pack(const scalar_t* data, int64_t offset, acc_t* out) {
+  const Pack<scalar_t, VEC> pack = load_raw<VEC>(data, offset);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    pack.v[i] = static_cast<scalar_t>(in[i]);
+    out[i] = static_cast<acc_t>(pack.v[i]);
   }
-  *reinterpret_cast<Pack<scalar_t, VEC>*>(data + offset) = pack;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,21 +463,34 @@ __device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t 
 
 // out = op.apply(x, dy, coeffs of the element's channel) over one tile; coeff_of(v) gives the
 // coefficients of vector lane v.
+// The inputs stay packed until their lane is used and each result is packed as soon as it is
+// computed: for 2-byte types that holds VEC / 2 registers per input row, not VEC, through the
+// element formula (an activation's body needs the rest beside VEC lanes of coefficients).
 template <int VEC, int ROWS, typename Op, typename CoeffOf>
 __device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
   using acc_t = typename Op::acc_t;
-  acc_t x[ROWS][VEC] = {};
-  acc_t dy[ROWS][VEC] = {};
-  load_tile<VEC, ROWS>(op, tile, x, dy);
+  using scalar_t = typename Op::scalar_type;
+  Pack<scalar_t, VEC> x[ROWS] = {};
+  Pack<scalar_t, VEC> dy[ROWS] = {};
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
     if (k < tile.valid) {
-      acc_t y[VEC];
+      x[k] = load_raw<VEC>(op.x, tile.base + k * tile.stride);
+      if constexpr (Op::kInputs == 2) {
+        dy[k] = load_raw<VEC>(op.dy, tile.base + k * tile.stride);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (k < tile.valid) {
+      Pack<scalar_t, VEC> y;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        y[v] = op.apply(x[k][v], dy[k][v], coeff_of(v));
+        y.v[v] = static_cast<scalar_t>(
+            op.apply(lane_value<acc_t>(x[k], v), lane_value<acc_t>(dy[k], v), coeff_of(v)));
       }
-      store_pack<VEC>(op.out, tile.base + k * tile.stride, y);
+      store_raw<VEC>(op.out, tile.base + k * tile.stride, y);
     }
   }
 }
