@@ -142,6 +142,7 @@ struct NormalizeElementwise {
   using acc_t = acc_t_;
   using Coeffs = math::NormalizeCoeffs<acc_t>;
   static constexpr int kInputs = 1;
+  static constexpr int kCoeffFields = 3;  // of Coeffs, that apply reads
 
   const scalar_t* x;
   scalar_t* out;
@@ -170,6 +171,7 @@ struct BackwardElementwise {
   using acc_t = acc_t_;
   using Coeffs = math::BackwardCoeffs<acc_t>;
   static constexpr int kInputs = 2;
+  static constexpr int kCoeffFields = act == math::Activation::Identity ? 4 : 5;  // shift: z only
 
   const scalar_t* x;
   const scalar_t* dy;
@@ -735,24 +737,78 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
+// The coefficients of a channels_last tile (at most plan::kMaxRowBlockX threads x VEC channels),
+// in shared memory: all rows of the block use them, so each is computed once per block, not once
+// per thread row. Field f of lane v of thread column x is at [(v * kFields + f) * kMaxRowBlockX +
+// x], so that a warp's reads of one field and lane fall in distinct banks.
+template <typename Coeffs, int VEC>
+struct CoeffTable {
+  using acc_t = decltype(Coeffs::mean);
+  static constexpr int kFields = sizeof(Coeffs) / sizeof(acc_t);
+  acc_t fields[VEC * kFields * plan::kMaxRowBlockX];
+
+  // Thread column x, lane v: its channel is x * VEC + v of the tile.
+  __device__ __forceinline__ void store(int x, int v, const Coeffs& c) {
+    acc_t f[kFields];
+    std::memcpy(f, &c, sizeof(Coeffs));
+#pragma unroll
+    for (int i = 0; i < kFields; ++i) {
+      fields[(v * kFields + i) * plan::kMaxRowBlockX + x] = f[i];
+    }
+  }
+  // A volatile read stays where it is used, in the row loop, rather than being hoisted out of it.
+  template <bool kVolatile>
+  __device__ __forceinline__ Coeffs load(int x, int v) const {
+    const std::conditional_t<kVolatile, const volatile acc_t*, const acc_t*> table = fields;
+    acc_t f[kFields];
+#pragma unroll
+    for (int i = 0; i < kFields; ++i) {
+      f[i] = table[(v * kFields + i) * plan::kMaxRowBlockX + x];
+    }
+    Coeffs c;
+    std::memcpy(&c, f, sizeof(Coeffs));
+    return c;
+  }
+};
+
+// Whether a thread reads its coefficients from the table in the row loop, for each row, rather than
+// once into registers: when VEC lanes of them would take more than half of its 64 registers
+// (fp16 and bf16 grad_input with an activation, 40), too few would be left for the activation's
+// backward and the kernel would spill.
+template <typename Op, int VEC>
+constexpr bool kCoeffsInLoop =
+    VEC * Op::kCoeffFields * static_cast<int>(sizeof(typename Op::acc_t)) > 32 * 4;
+
 template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_rows_kernel(const Op op, const RowTiling t) {
   constexpr int ROWS = kRowsPerTile<Op, VEC>;
-  // No barriers here, so threads past the last channel may skip units.
+  constexpr bool kInLoop = kCoeffsInLoop<Op, VEC>;
+  static_assert(plan::kMaxRowBlockX * VEC <= kThreads, "a channel of the tile per thread");
+  __shared__ CoeffTable<typename Op::Coeffs, VEC> table;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int tile_width = blockDim.x * VEC;
+  // Every thread of the block runs the same units, so the barriers are met.
   for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
-    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
-    if (c0 >= t.channels) {
-      continue;
+    const int64_t tile_c0 = u.tile * tile_width;
+    if (tid < tile_width && tile_c0 + tid < t.channels) {
+      table.store(tid / VEC, tid % VEC, op.coeffs(tile_c0 + tid));
     }
-    typename Op::Coeffs coeffs[VEC];
+    __syncthreads();
+    const int64_t c0 = tile_c0 + threadIdx.x * VEC;
+    if (c0 < t.channels) {
+      typename Op::Coeffs coeffs[kInLoop ? 1 : VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      coeffs[v] = op.coeffs(c0 + v);
+      for (int v = 0; v < (kInLoop ? 0 : VEC); ++v) {
+        coeffs[v] = table.template load<false>(threadIdx.x, v);
+      }
+      visit_rows<VEC, ROWS>(t, c0, u.split, [&](const Tile& tile) {
+        transform_tile<VEC, ROWS>(op, tile, [&](int v) {
+          return kInLoop ? table.template load<true>(threadIdx.x, v) : coeffs[v];
+        });
+      });
     }
-    visit_rows<VEC, ROWS>(t, c0, u.split, [&](const Tile& tile) {
-      transform_tile<VEC, ROWS>(op, tile, [&](int v) { return coeffs[v]; });
-    });
+    __syncthreads();  // every thread is done with the table before the next unit's
   }
 }
 
