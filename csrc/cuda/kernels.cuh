@@ -342,6 +342,14 @@ struct GradReduction {
 // turn (block b takes units b, b + gridDim.x, ...: a grid-stride loop when there are more units
 // than blocks); unit u is split u / tiles of channel tile u % tiles.
 
+// How far one grid stride (gridDim.x units) moves a block: `split` splits and `tile` tiles. The
+// host computes it from the launch's grid, so that the walk holds no loop-invariant steps in
+// registers through the kernel.
+struct GridStep {
+  unsigned tile;
+  unsigned split;
+};
+
 // ChannelPlanes: one channel per tile; a split is a rectangle of batch_chunk planes x
 // spatial_chunk elements.
 struct PlaneTiling {
@@ -352,6 +360,7 @@ struct PlaneTiling {
   int64_t spatial_chunk;   // a multiple of the vector width
   int64_t spatial_splits;  // rectangles along spatial for each batch chunk
   int64_t units;           // channels * splits
+  GridStep step;
 };
 
 // ChannelsLast: blockDim.x * VEC adjacent channels per tile; a split is row_chunk rows.
@@ -361,6 +370,7 @@ struct RowTiling {
   int64_t row_chunk;
   int64_t tiles;
   int64_t units;  // tiles * splits
+  GridStep step;
 };
 
 // A tile: ROWS rows (planes, or channels-last rows) of VEC adjacent elements; row k starts at
@@ -373,26 +383,23 @@ struct Tile {
 
 // The units a block takes, blockIdx.x, blockIdx.x + gridDim.x, ..., as (tile, split): stepped
 // with one division at the start rather than a 64-bit division (a subroutine call) per unit.
+// tiles < 2^31 (checked on the host) and splits <= plan::kMaxSplits, so tile and split fit 32
+// bits: the walk is live through the whole kernel, where every register counts at the cap of 64.
 struct UnitWalk {
   int64_t unit;
-  int64_t tile;
-  int64_t split;
-  int64_t step_tile;
-  int64_t step_split;
+  unsigned tile;
+  unsigned split;
 
-  // tiles < 2^31 (checked on the host), so 32-bit divisions do.
   __device__ __forceinline__ explicit UnitWalk(int64_t tiles)
       : unit(blockIdx.x),
         tile(blockIdx.x % static_cast<unsigned>(tiles)),
-        split(blockIdx.x / static_cast<unsigned>(tiles)),
-        step_tile(gridDim.x % static_cast<unsigned>(tiles)),
-        step_split(gridDim.x / static_cast<unsigned>(tiles)) {}
-  __device__ __forceinline__ void next(int64_t tiles) {
+        split(blockIdx.x / static_cast<unsigned>(tiles)) {}
+  __device__ __forceinline__ void next(int64_t tiles, const GridStep& step) {
     unit += gridDim.x;
-    tile += step_tile;
-    split += step_split;
-    if (tile >= tiles) {
-      tile -= tiles;
+    tile += step.tile;
+    split += step.split;
+    if (tile >= static_cast<unsigned>(tiles)) {
+      tile -= static_cast<unsigned>(tiles);
       ++split;
     }
   }
@@ -572,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const bool split_channels = t.units > t.channels;
   const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
   // Every thread of the block runs the same units, so the barriers inside block_reduce are met.
-  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels, t.step)) {
     const int64_t c = u.tile;
     const int64_t split = u.split;
     const typename Red::Channel channel = red.channel(c);
@@ -626,9 +633,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const bool split_channels = t.units > t.tiles;
   // Every thread of the block runs the same units, inactive ones (channels past C) included, so
   // the barriers inside column_reduce are met.
-  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles, t.step)) {
     const int64_t split = u.split;
-    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
+    const int64_t c0 = (int64_t{u.tile} * blockDim.x + threadIdx.x) * VEC;
     const bool active = c0 < t.channels;  // C % VEC == 0: a thread has all VEC channels or none
     typename Red::Channel channel[VEC];
     State state[VEC];
@@ -729,7 +736,7 @@ template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_planes_kernel(const Op op, const PlaneTiling t) {
   constexpr int ROWS = kRowsPerTile<Op, VEC>;
-  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels, t.step)) {
     const auto coeffs = op.coeffs(u.tile);
     visit_planes<VEC, ROWS>(t, u.tile, u.split, [&](const Tile& tile) {
       transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
@@ -789,8 +796,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int tile_width = blockDim.x * VEC;
   // Every thread of the block runs the same units, so the barriers are met.
-  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
-    const int64_t tile_c0 = u.tile * tile_width;
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles, t.step)) {
+    const int64_t tile_c0 = int64_t{u.tile} * tile_width;
     if (tid < tile_width && tile_c0 + tid < t.channels) {
       table.store(tid / VEC, tid % VEC, op.coeffs(tile_c0 + tid));
     }
@@ -914,13 +921,20 @@ void with_layout_width(bool channels_last, int vec, Rows&& rows, Planes&& planes
   }
 }
 
+// The walk's step for a launch of p.grid blocks over p.tiles tiles.
+inline GridStep grid_step(const plan::Plan& p) {
+  return p.tiles > 0 ? GridStep{static_cast<unsigned>(p.grid % p.tiles),
+                                static_cast<unsigned>(p.grid / p.tiles)}
+                     : GridStep{0, 0};
+}
+
 inline PlaneTiling plane_tiling(const plan::Plan& p, const Geometry& g) {
   return PlaneTiling{g.batch,         g.channels,       g.spatial, p.batch_chunk,
-                     p.spatial_chunk, p.spatial_splits, p.units};
+                     p.spatial_chunk, p.spatial_splits, p.units,   grid_step(p)};
 }
 
 inline RowTiling row_tiling(const plan::Plan& p, const Geometry& g) {
-  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.units};
+  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.units, grid_step(p)};
 }
 
 // The plan of a reduction (at most max_splits blocks per channel tile) over `g` that reads and
