@@ -133,6 +133,21 @@ def test_plan_check_wants_full_waves(blocks, grid_stride, ok):
     assert (not row["problems"]) == ok, row
 
 
+@pytest.mark.parametrize(
+    "blocks, ok",
+    # 40 registers: 3 blocks of 512 threads per SM, 396 slots; the design's 2 per SM: 264.
+    [(132 * 3, True), (132 * 2 - 8, True), (132 * 3 + 20, False), (140, False)],
+)
+def test_plan_check_accepts_a_lighter_kernel_filling_its_designed_slots(blocks, ok):
+    k = kernel(name="ckbn::elementwise_planes_kernel<ckbn::NormalizeElementwise<float, float>, 4>", regs=40)
+    plan = {"shape": [1], "layout": "planes", "dtype": "float32", "op": "normalize",
+            "launches": [dict(launch(k.name + "(args)", 0, 0, 0, 0, grid=(blocks, 1, 1)), kernel=k.name,
+                              grid_stride=0)]}
+    (row,) = gpu_static.judge_plans([plan], {k.name: k})
+    assert row["blocks_per_sm"] == 3
+    assert (not row["problems"]) == ok, row
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
 def test_emulated_operators_move_no_more_than_their_design():

@@ -37,6 +37,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
@@ -62,23 +63,41 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_pack(const scalar_t* data, int64_t offset, acc_t* out) {
-  const Pack<scalar_t, VEC> pack = *reinterpret_cast<const Pack<scalar_t, VEC>*>(data + offset);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    out[i] = static_cast<acc_t>(pack.v[i]);
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, VEC> load_raw(const scalar_t* data, int64_t offset) {
+  return *reinterpret_cast<const Pack<scalar_t, VEC>*>(data + offset);
+}
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void store_raw(scalar_t* data, int64_t offset,
+                                          const Pack<scalar_t, VEC>& pack) {
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(data + offset) = pack;
+}
+
+// Lane v of a pack as acc_t. A bfloat16 lane is read through the 32-bit word it shares with its
+// neighbour (its float is that word shifted or masked, exactly the conversion): a 16-bit lane
+// extracted on its own would take a register from the load until its use.
+template <typename acc_t, typename scalar_t, int VEC>
+__device__ __forceinline__ acc_t lane_value(const Pack<scalar_t, VEC>& p, int v) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value && VEC % 2 == 0) {
+    std::uint32_t word;
+    std::memcpy(&word, &p.v[v - v % 2], sizeof(word));
+    const std::uint32_t bits = v % 2 == 0 ? word << 16 : word & 0xffff0000u;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else {
+    return static_cast<acc_t>(p.v[v]);
   }
 }
 
 template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_pack(scalar_t* data, int64_t offset, const acc_t* in) {
-  Pack<scalar_t, VEC> pack;
+__device__ __forceinline__ void load_pack(const scalar_t* data, int64_t offset, acc_t* out) {
+  const Pack<scalar_t, VEC> pack = load_raw<VEC>(data, offset);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    pack.v[i] = static_cast<scalar_t>(in[i]);
+    out[i] = static_cast<acc_t>(pack.v[i]);
   }
-  *reinterpret_cast<Pack<scalar_t, VEC>*>(data + offset) = pack;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -123,6 +142,7 @@ struct NormalizeElementwise {
   using acc_t = acc_t_;
   using Coeffs = math::NormalizeCoeffs<acc_t>;
   static constexpr int kInputs = 1;
+  static constexpr int kCoeffFields = 3;  // of Coeffs, that apply reads
 
   const scalar_t* x;
   scalar_t* out;
@@ -151,6 +171,7 @@ struct BackwardElementwise {
   using acc_t = acc_t_;
   using Coeffs = math::BackwardCoeffs<acc_t>;
   static constexpr int kInputs = 2;
+  static constexpr int kCoeffFields = act == math::Activation::Identity ? 4 : 5;  // shift: z only
 
   const scalar_t* x;
   const scalar_t* dy;
@@ -321,6 +342,14 @@ struct GradReduction {
 // turn (block b takes units b, b + gridDim.x, ...: a grid-stride loop when there are more units
 // than blocks); unit u is split u / tiles of channel tile u % tiles.
 
+// How far one grid stride (gridDim.x units) moves a block: `split` splits and `tile` tiles. The
+// host computes it from the launch's grid, so that the walk holds no loop-invariant steps in
+// registers through the kernel.
+struct GridStep {
+  unsigned tile;
+  unsigned split;
+};
+
 // ChannelPlanes: one channel per tile; a split is a rectangle of batch_chunk planes x
 // spatial_chunk elements.
 struct PlaneTiling {
@@ -331,6 +360,7 @@ struct PlaneTiling {
   int64_t spatial_chunk;   // a multiple of the vector width
   int64_t spatial_splits;  // rectangles along spatial for each batch chunk
   int64_t units;           // channels * splits
+  GridStep step;
 };
 
 // ChannelsLast: blockDim.x * VEC adjacent channels per tile; a split is row_chunk rows.
@@ -340,6 +370,7 @@ struct RowTiling {
   int64_t row_chunk;
   int64_t tiles;
   int64_t units;  // tiles * splits
+  GridStep step;
 };
 
 // A tile: ROWS rows (planes, or channels-last rows) of VEC adjacent elements; row k starts at
@@ -352,26 +383,23 @@ struct Tile {
 
 // The units a block takes, blockIdx.x, blockIdx.x + gridDim.x, ..., as (tile, split): stepped
 // with one division at the start rather than a 64-bit division (a subroutine call) per unit.
+// tiles < 2^31 (checked on the host) and splits <= plan::kMaxSplits, so tile and split fit 32
+// bits: the walk is live through the whole kernel, where every register counts at the cap of 64.
 struct UnitWalk {
   int64_t unit;
-  int64_t tile;
-  int64_t split;
-  int64_t step_tile;
-  int64_t step_split;
+  unsigned tile;
+  unsigned split;
 
-  // tiles < 2^31 (checked on the host), so 32-bit divisions do.
   __device__ __forceinline__ explicit UnitWalk(int64_t tiles)
       : unit(blockIdx.x),
         tile(blockIdx.x % static_cast<unsigned>(tiles)),
-        split(blockIdx.x / static_cast<unsigned>(tiles)),
-        step_tile(gridDim.x % static_cast<unsigned>(tiles)),
-        step_split(gridDim.x / static_cast<unsigned>(tiles)) {}
-  __device__ __forceinline__ void next(int64_t tiles) {
+        split(blockIdx.x / static_cast<unsigned>(tiles)) {}
+  __device__ __forceinline__ void next(int64_t tiles, const GridStep& step) {
     unit += gridDim.x;
-    tile += step_tile;
-    split += step_split;
-    if (tile >= tiles) {
-      tile -= tiles;
+    tile += step.tile;
+    split += step.split;
+    if (tile >= static_cast<unsigned>(tiles)) {
+      tile -= static_cast<unsigned>(tiles);
       ++split;
     }
   }
@@ -444,21 +472,34 @@ __device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t 
 
 // out = op.apply(x, dy, coeffs of the element's channel) over one tile; coeff_of(v) gives the
 // coefficients of vector lane v.
+// The inputs stay packed until their lane is used and each result is packed as soon as it is
+// computed: for 2-byte types that holds VEC / 2 registers per input row, not VEC, through the
+// element formula (an activation's body needs the rest beside VEC lanes of coefficients).
 template <int VEC, int ROWS, typename Op, typename CoeffOf>
 __device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
   using acc_t = typename Op::acc_t;
-  acc_t x[ROWS][VEC] = {};
-  acc_t dy[ROWS][VEC] = {};
-  load_tile<VEC, ROWS>(op, tile, x, dy);
+  using scalar_t = typename Op::scalar_type;
+  Pack<scalar_t, VEC> x[ROWS] = {};
+  Pack<scalar_t, VEC> dy[ROWS] = {};
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
     if (k < tile.valid) {
-      acc_t y[VEC];
+      x[k] = load_raw<VEC>(op.x, tile.base + k * tile.stride);
+      if constexpr (Op::kInputs == 2) {
+        dy[k] = load_raw<VEC>(op.dy, tile.base + k * tile.stride);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (k < tile.valid) {
+      Pack<scalar_t, VEC> y;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        y[v] = op.apply(x[k][v], dy[k][v], coeff_of(v));
+        y.v[v] = static_cast<scalar_t>(
+            op.apply(lane_value<acc_t>(x[k], v), lane_value<acc_t>(dy[k], v), coeff_of(v)));
       }
-      store_pack<VEC>(op.out, tile.base + k * tile.stride, y);
+      store_raw<VEC>(op.out, tile.base + k * tile.stride, y);
     }
   }
 }
@@ -538,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const bool split_channels = t.units > t.channels;
   const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
   // Every thread of the block runs the same units, so the barriers inside block_reduce are met.
-  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels, t.step)) {
     const int64_t c = u.tile;
     const int64_t split = u.split;
     const typename Red::Channel channel = red.channel(c);
@@ -592,9 +633,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const bool split_channels = t.units > t.tiles;
   // Every thread of the block runs the same units, inactive ones (channels past C) included, so
   // the barriers inside column_reduce are met.
-  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles, t.step)) {
     const int64_t split = u.split;
-    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
+    const int64_t c0 = (int64_t{u.tile} * blockDim.x + threadIdx.x) * VEC;
     const bool active = c0 < t.channels;  // C % VEC == 0: a thread has all VEC channels or none
     typename Red::Channel channel[VEC];
     State state[VEC];
@@ -695,7 +736,7 @@ template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_planes_kernel(const Op op, const PlaneTiling t) {
   constexpr int ROWS = kRowsPerTile<Op, VEC>;
-  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels)) {
+  for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels, t.step)) {
     const auto coeffs = op.coeffs(u.tile);
     visit_planes<VEC, ROWS>(t, u.tile, u.split, [&](const Tile& tile) {
       transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
@@ -703,24 +744,78 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
+// The coefficients of a channels_last tile (at most plan::kMaxRowBlockX threads x VEC channels),
+// in shared memory: all rows of the block use them, so each is computed once per block, not once
+// per thread row. Field f of lane v of thread column x is at [(v * kFields + f) * kMaxRowBlockX +
+// x], so that a warp's reads of one field and lane fall in distinct banks.
+template <typename Coeffs, int VEC>
+struct CoeffTable {
+  using acc_t = decltype(Coeffs::mean);
+  static constexpr int kFields = sizeof(Coeffs) / sizeof(acc_t);
+  acc_t fields[VEC * kFields * plan::kMaxRowBlockX];
+
+  // Thread column x, lane v: its channel is x * VEC + v of the tile.
+  __device__ __forceinline__ void store(int x, int v, const Coeffs& c) {
+    acc_t f[kFields];
+    std::memcpy(f, &c, sizeof(Coeffs));
+#pragma unroll
+    for (int i = 0; i < kFields; ++i) {
+      fields[(v * kFields + i) * plan::kMaxRowBlockX + x] = f[i];
+    }
+  }
+  // A volatile read stays where it is used, in the row loop, rather than being hoisted out of it.
+  template <bool kVolatile>
+  __device__ __forceinline__ Coeffs load(int x, int v) const {
+    const std::conditional_t<kVolatile, const volatile acc_t*, const acc_t*> table = fields;
+    acc_t f[kFields];
+#pragma unroll
+    for (int i = 0; i < kFields; ++i) {
+      f[i] = table[(v * kFields + i) * plan::kMaxRowBlockX + x];
+    }
+    Coeffs c;
+    std::memcpy(&c, f, sizeof(Coeffs));
+    return c;
+  }
+};
+
+// Whether a thread reads its coefficients from the table in the row loop, for each row, rather than
+// once into registers: when VEC lanes of them would take more than half of its 64 registers
+// (fp16 and bf16 grad_input with an activation, 40), too few would be left for the activation's
+// backward and the kernel would spill.
+template <typename Op, int VEC>
+constexpr bool kCoeffsInLoop =
+    VEC * Op::kCoeffFields * static_cast<int>(sizeof(typename Op::acc_t)) > 32 * 4;
+
 template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_rows_kernel(const Op op, const RowTiling t) {
   constexpr int ROWS = kRowsPerTile<Op, VEC>;
-  // No barriers here, so threads past the last channel may skip units.
-  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles)) {
-    const int64_t c0 = (u.tile * blockDim.x + threadIdx.x) * VEC;
-    if (c0 >= t.channels) {
-      continue;
+  constexpr bool kInLoop = kCoeffsInLoop<Op, VEC>;
+  static_assert(plan::kMaxRowBlockX * VEC <= kThreads, "a channel of the tile per thread");
+  __shared__ CoeffTable<typename Op::Coeffs, VEC> table;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int tile_width = blockDim.x * VEC;
+  // Every thread of the block runs the same units, so the barriers are met.
+  for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles, t.step)) {
+    const int64_t tile_c0 = int64_t{u.tile} * tile_width;
+    if (tid < tile_width && tile_c0 + tid < t.channels) {
+      table.store(tid / VEC, tid % VEC, op.coeffs(tile_c0 + tid));
     }
-    typename Op::Coeffs coeffs[VEC];
+    __syncthreads();
+    const int64_t c0 = tile_c0 + threadIdx.x * VEC;
+    if (c0 < t.channels) {
+      typename Op::Coeffs coeffs[kInLoop ? 1 : VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      coeffs[v] = op.coeffs(c0 + v);
+      for (int v = 0; v < (kInLoop ? 0 : VEC); ++v) {
+        coeffs[v] = table.template load<false>(threadIdx.x, v);
+      }
+      visit_rows<VEC, ROWS>(t, c0, u.split, [&](const Tile& tile) {
+        transform_tile<VEC, ROWS>(op, tile, [&](int v) {
+          return kInLoop ? table.template load<true>(threadIdx.x, v) : coeffs[v];
+        });
+      });
     }
-    visit_rows<VEC, ROWS>(t, c0, u.split, [&](const Tile& tile) {
-      transform_tile<VEC, ROWS>(op, tile, [&](int v) { return coeffs[v]; });
-    });
+    __syncthreads();  // every thread is done with the table before the next unit's
   }
 }
 
@@ -826,13 +921,20 @@ void with_layout_width(bool channels_last, int vec, Rows&& rows, Planes&& planes
   }
 }
 
+// The walk's step for a launch of p.grid blocks over p.tiles tiles.
+inline GridStep grid_step(const plan::Plan& p) {
+  return p.tiles > 0 ? GridStep{static_cast<unsigned>(p.grid % p.tiles),
+                                static_cast<unsigned>(p.grid / p.tiles)}
+                     : GridStep{0, 0};
+}
+
 inline PlaneTiling plane_tiling(const plan::Plan& p, const Geometry& g) {
   return PlaneTiling{g.batch,         g.channels,       g.spatial, p.batch_chunk,
-                     p.spatial_chunk, p.spatial_splits, p.units};
+                     p.spatial_chunk, p.spatial_splits, p.units,   grid_step(p)};
 }
 
 inline RowTiling row_tiling(const plan::Plan& p, const Geometry& g) {
-  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.units};
+  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.units, grid_step(p)};
 }
 
 // The plan of a reduction (at most max_splits blocks per channel tile) over `g` that reads and

@@ -46,6 +46,8 @@ namespace plan {
 
 // Threads of every reduce and element-wise block.
 constexpr int kThreads = 512;
+// Threads across the channels of a channels_last block, at most: a warp reads adjacent channels.
+constexpr int kMaxRowBlockX = 32;
 // Blocks along one channel, at most: bounds the staging buffer and the finalize merge.
 constexpr int64_t kMaxSplits = 32768;
 // Rounds of resident blocks the planner considers: beyond this, more splits only add overhead.
@@ -193,7 +195,7 @@ inline Plan plan_launch(Kind kind, const Shape& s, int vec, const DeviceLimits& 
   if (s.channels_last) {
     // A warp (or what C fills of it) reads adjacent channels of a row.
     const int64_t channel_vecs = s.channels / vec;
-    p.block_x = static_cast<int>(min_of<int64_t>(next_pow2(channel_vecs), 32));
+    p.block_x = static_cast<int>(min_of<int64_t>(next_pow2(channel_vecs), kMaxRowBlockX));
     p.tiles = ceil_div(channel_vecs, p.block_x);
   } else {
     // Narrow planes get narrow rows of threads and more planes per block.
