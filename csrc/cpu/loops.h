@@ -84,6 +84,8 @@ constexpr int64_t kChunk = 4096;
 // Fewest elements in one run of a ChannelsLast element pass (a few vector blocks; its per-channel
 // coefficient columns, tiled to its width, stay in L1).
 constexpr int64_t kElementRun = 512;
+// Input bytes an element pass takes first to last before it steps back (for_each_run).
+constexpr int64_t kReverseSpan = 256 * 1024;
 // Fewest rows in a ChannelsLast chunk, so that merging its C results costs little per element.
 constexpr int64_t kMinChunkRows = 16;
 
@@ -220,14 +222,6 @@ RowGroups row_groups(int64_t channels, int64_t block) {
   }
   const int64_t width = std::lcm(channels, block);
   return {channels, width / channels, width};
-}
-
-// Calls run(offset, len) for the row groups of rows [begin, end): `len` elements from `offset`.
-template <typename Fn>
-void for_row_groups(const RowGroups& g, int64_t begin, int64_t end, const Fn& run) {
-  for (int64_t r = begin; r < end; r += g.rows) {
-    run(r * g.channels, std::min(g.rows, end - r) * g.channels);
-  }
 }
 
 // Each channel's value in each of its slots.
@@ -421,15 +415,29 @@ struct Columns {
 
 // An element pass over the whole input: run(offset, len, coeffs) for every plane (ChannelPlanes)
 // or row group (ChannelsLast), coeffs.get<T>(i) giving the coefficients of element offset + i.
+// Each thread takes its runs in spans of about kReverseSpan bytes of input, last span first (and
+// first to last within a span, for the prefetcher): what read the input before (batch_stats, the
+// backward's reduction, the layer that wrote it) went first to last, so the input's end is what
+// the cache still holds, and the output's start is what it keeps for the next reader.
+template <typename Fn>
+void for_each_run_backwards(int64_t begin, int64_t end, int64_t run_bytes, const Fn& fn) {
+  const int64_t span = std::max<int64_t>(1, kReverseSpan / std::max<int64_t>(run_bytes, 1));
+  for (int64_t last = end; last > begin; last -= span) {
+    for (int64_t i = std::max(begin, last - span); i < last; ++i) {
+      fn(i);
+    }
+  }
+}
+
 template <typename scalar_t, template <typename> class Coeffs, typename Run>
 void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>>>& per_channel,
                   const Run& run) {
   using acc_t = acc_type<scalar_t>;
   if (g.layout == Layout::ChannelPlanes) {
     at::parallel_for(0, g.batch * g.channels, grain(g.spatial), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
+      for_each_run_backwards(begin, end, g.spatial * int64_t(sizeof(scalar_t)), [&](int64_t plane) {
         run(plane * g.spatial, g.spatial, Broadcast<Coeffs, acc_t>(per_channel[plane % g.channels]));
-      }
+      });
       streaming_fence();
     });
     return;
@@ -442,9 +450,12 @@ void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>
   const Columns<Coeffs, acc_t> columns(per_channel, groups);
   at::parallel_for(0, at::divup(g.rows(), groups.rows), grain(groups.width),
                    [&](int64_t begin, int64_t end) {
-                     for_row_groups(groups, begin * groups.rows,
-                                    std::min(end * groups.rows, g.rows()),
-                                    [&](int64_t offset, int64_t len) { run(offset, len, columns); });
+                     for_each_run_backwards(
+                         begin, end, groups.width * int64_t(sizeof(scalar_t)), [&](int64_t group) {
+                           const int64_t row = group * groups.rows;
+                           run(row * g.channels, std::min(groups.rows, g.rows() - row) * g.channels,
+                               columns);
+                         });
                      streaming_fence();
                    });
 }
