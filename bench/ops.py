@@ -107,6 +107,8 @@ def targets_for(device: str, row: Row, threads: int) -> Dict[str, Callable[[Row]
             found["torch/ckbn >= 1.10"] = lambda r: r.ratio >= 1.10
         if row.case == "replay-fwd":
             found["torch/ckbn >= 1.50"] = lambda r: r.ratio >= 1.50
+        if row.case in {f"{act}-fwd+bwd" for act in FUSED_ACTIVATIONS}:
+            found["torch/ckbn >= 1.40"] = lambda r: r.ratio >= 1.40
         if row.tensor_mib >= 64:
             found["bandwidth >= 85% of copy"] = lambda r: r.bandwidth is not None and r.bandwidth >= 0.85
     elif row.dtype == "float32" and threads == 1 and tuple(row.shape) == (32, 64, 56, 56):
