@@ -286,12 +286,8 @@ def kernels_of(library: str, cuobjdump: str, nvdisasm_dir: Optional[str]) -> Lis
 # and do not fail --check; any other finding does. An entry is removed once its kernel is fixed.
 #   (kernel, op, dtype, vector width) whose local memory is known:
 KNOWN_LOCAL_MEMORY: Dict[tuple, str] = {}  # none at present
-#   kernel families without a 128-bit hot loop, by design:
-KNOWN_NARROW_FAMILIES = {
-    f"reduce_rows_kernel<{op}<{dtype}>>": "channels_last fp16/bf16 reductions hold 4 channels per thread "
-    "(64-bit loads) to keep one Welford or gradient state per channel in registers"
-    for op in ("StatsReduction", "GradReduction") for dtype in ("c10::Half", "c10::BFloat16")
-}
+#   kernel families without a 128-bit hot loop, by design, as "kernel<op<dtype>>":
+KNOWN_NARROW_FAMILIES: Dict[str, str] = {}  # none at present
 
 
 def judge_kernel(k: Kernel, block_threads: int) -> None:

@@ -39,31 +39,60 @@ CKBN_HOST_DEVICE Welford<acc_t> welford_empty() {
   return Welford<acc_t>{acc_t(0), acc_t(0), 0};
 }
 
+// welford_update of a mean and M2 whose count is kept apart (one count for channels that see as
+// many elements): `count` is the count after x.
+template <typename acc_t>
+CKBN_HOST_DEVICE void welford_update_moments(acc_t& mean, acc_t& m2, acc_t x, int64_t count) {
+  const acc_t delta = x - mean;
+  mean += delta / static_cast<acc_t>(count);
+  m2 += delta * (x - mean);
+}
+
 // Welford's single-element update: stable for data far from zero, unlike sum and sum of squares.
 template <typename acc_t>
 CKBN_HOST_DEVICE Welford<acc_t> welford_update(Welford<acc_t> w, acc_t x) {
   w.count += 1;
-  const acc_t delta = x - w.mean;
-  w.mean += delta / static_cast<acc_t>(w.count);
-  w.m2 += delta * (x - w.mean);
+  welford_update_moments(w.mean, w.m2, x, w.count);
   return w;
+}
+
+// What Chan et al.'s merge of a side of a_count elements with one of b_count takes from the counts
+// (a_count + b_count > 0): the same for every channel of a group that shares its counts.
+template <typename acc_t>
+struct WelfordMergeWeights {
+  int64_t count;  // of the merged result
+  acc_t a_count;
+  acc_t b_share;  // weight of b in the merged mean
+};
+
+template <typename acc_t>
+CKBN_HOST_DEVICE WelfordMergeWeights<acc_t> welford_merge_weights(int64_t a_count,
+                                                                  int64_t b_count) {
+  const int64_t count = a_count + b_count;
+  // b_share is a ratio so that an empty side contributes exactly 0.
+  return WelfordMergeWeights<acc_t>{count, static_cast<acc_t>(a_count),
+                                    static_cast<acc_t>(b_count) / static_cast<acc_t>(count)};
+}
+
+// Merges b's mean and M2 into a's, with the weights of their counts.
+template <typename acc_t>
+CKBN_HOST_DEVICE void welford_merge_moments(acc_t& a_mean, acc_t& a_m2, acc_t b_mean, acc_t b_m2,
+                                            const WelfordMergeWeights<acc_t>& w) {
+  const acc_t delta = b_mean - a_mean;
+  a_mean = a_mean + delta * w.b_share;
+  a_m2 = a_m2 + b_m2 + delta * delta * w.a_count * w.b_share;
 }
 
 // Chan et al.'s merge of two partial results; either side may be empty.
 template <typename acc_t>
 CKBN_HOST_DEVICE Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b) {
-  const int64_t count = a.count + b.count;
-  if (count == 0) {
+  if (a.count + b.count == 0) {
     return a;
   }
-  const acc_t delta = b.mean - a.mean;
-  // Weight of b in the merged mean; computed as a ratio so that an empty side contributes exactly 0.
-  const acc_t b_share = static_cast<acc_t>(b.count) / static_cast<acc_t>(count);
-  Welford<acc_t> out;
-  out.count = count;
-  out.mean = a.mean + delta * b_share;
-  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * b_share;
-  return out;
+  const auto w = welford_merge_weights<acc_t>(a.count, b.count);
+  welford_merge_moments(a.mean, a.m2, b.mean, b.m2, w);
+  a.count = w.count;
+  return a;
 }
 
 // A whole chunk summarised by its exact count, mean and M2 (as a vectorised CPU loop computes it

@@ -232,6 +232,7 @@ struct StatsReduction {
   using State = math::Welford<acc_t>;
   using Channel = NoChannelData;
   static constexpr int kInputs = 1;
+  static constexpr int kChannelFields = 0;  // of Channel, that add reads
   static constexpr bool kFusable = false;
 
   const scalar_t* x;
@@ -281,6 +282,8 @@ struct GradReduction {
   using State = GradSums<acc_t>;
   using Channel = math::NormalizeCoeffs<acc_t>;  // the channel's mean, and what gives back z
   static constexpr int kInputs = 2;
+  // Fields of Channel that add reads: the mean, and with an activation what gives back z.
+  static constexpr int kChannelFields = act == math::Activation::Identity ? 1 : 3;
   static constexpr bool kFusable = true;
 
   const scalar_t* x;
@@ -504,6 +507,48 @@ __device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, C
   }
 }
 
+// The coefficients of a channels_last tile (at most plan::kMaxRowBlockX threads x VEC channels),
+// in shared memory: all rows of the block use them, so each is computed once per block, not once
+// per thread row. Field f of lane v of thread column x is at [(v * kFields + f) * kMaxRowBlockX +
+// x], so that a warp's reads of one field and lane fall in distinct banks.
+template <typename Coeffs, int VEC>
+struct CoeffTable {
+  using acc_t = decltype(Coeffs::mean);
+  static constexpr int kFields = sizeof(Coeffs) / sizeof(acc_t);
+  acc_t fields[VEC * kFields * plan::kMaxRowBlockX];
+
+  // Thread column x, lane v: its channel is x * VEC + v of the tile.
+  __device__ __forceinline__ void store(int x, int v, const Coeffs& c) {
+    acc_t f[kFields];
+    std::memcpy(f, &c, sizeof(Coeffs));
+#pragma unroll
+    for (int i = 0; i < kFields; ++i) {
+      fields[(v * kFields + i) * plan::kMaxRowBlockX + x] = f[i];
+    }
+  }
+  // A volatile read stays where it is used, in the row loop, rather than being hoisted out of it.
+  template <bool kVolatile>
+  __device__ __forceinline__ Coeffs load(int x, int v) const {
+    const std::conditional_t<kVolatile, const volatile acc_t*, const acc_t*> table = fields;
+    acc_t f[kFields];
+#pragma unroll
+    for (int i = 0; i < kFields; ++i) {
+      f[i] = table[(v * kFields + i) * plan::kMaxRowBlockX + x];
+    }
+    Coeffs c;
+    std::memcpy(&c, f, sizeof(Coeffs));
+    return c;
+  }
+};
+
+// Whether a thread reads its coefficients from the table in the row loop, for each row, rather than
+// once into registers: when VEC lanes of them would take more than half of its 64 registers
+// (fp16 and bf16 grad_input with an activation, 40), too few would be left for the activation's
+// backward and the kernel would spill.
+template <typename Op, int VEC>
+constexpr bool kCoeffsInLoop =
+    VEC * Op::kCoeffFields * static_cast<int>(sizeof(typename Op::acc_t)) > 32 * 4;
+
 // ---------------------------------------------------------------------------------------------
 // Block-level merges.
 
@@ -620,90 +665,208 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
+// The states of a thread's VEC channels in reduce_rows_kernel's row loop, VEC States; a reduction
+// may keep a leaner form (below).
+template <typename Red, int VEC>
+struct RowStates {
+  using State = typename Red::State;
+  using acc_t = typename Red::acc_t;
+  State lanes[VEC];
+
+  __device__ __forceinline__ RowStates() {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      lanes[v] = Red::identity();
+    }
+  }
+  // Adds the first `valid` rows of a tile; channel_of(v) gives lane v's channel data.
+  template <int ROWS, typename ChannelOf>
+  __device__ __forceinline__ void add(const Red& red, const acc_t (&x)[ROWS][VEC],
+                                      const acc_t (&dy)[ROWS][VEC], int valid,
+                                      ChannelOf&& channel_of) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      acc_t x_column[ROWS];
+      acc_t dy_column[ROWS];
+#pragma unroll
+      for (int k = 0; k < ROWS; ++k) {
+        x_column[k] = x[k][v];
+        dy_column[k] = dy[k][v];
+      }
+      if (valid == ROWS) {
+        red.template add<ROWS>(lanes[v], x_column, dy_column, channel_of(v));
+      } else {
+#pragma unroll
+        for (int k = 0; k < ROWS; ++k) {
+          if (k < valid) {
+            red.template add<1>(lanes[v], &x_column[k], &dy_column[k], channel_of(v));
+          }
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ State lane(int v) const { return lanes[v]; }
+};
+
+// Welford states of channels that see the same rows have the same count: one count for the VEC
+// lanes instead of one 64-bit count each, which is what lets 8 lanes fit the register budget. Each
+// lane's mean and M2 take the very steps StatsReduction::add would.
+template <typename scalar_t, typename acc_t, int VEC>
+struct RowStates<StatsReduction<scalar_t, acc_t>, VEC> {
+  using State = math::Welford<acc_t>;
+  acc_t mean[VEC];
+  acc_t m2[VEC];
+  int64_t count;
+
+  __device__ __forceinline__ RowStates() : count(0) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      mean[v] = acc_t(0);
+      m2[v] = acc_t(0);
+    }
+  }
+  template <int ROWS, typename ChannelOf>
+  __device__ __forceinline__ void add(const StatsReduction<scalar_t, acc_t>&,
+                                      const acc_t (&x)[ROWS][VEC], const acc_t (&)[ROWS][VEC],
+                                      int valid, ChannelOf&&) {
+    if (ROWS > 1 && valid == ROWS) {
+      const auto weights = math::welford_merge_weights<acc_t>(count, ROWS);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        acc_t x_column[ROWS];
+#pragma unroll
+        for (int k = 0; k < ROWS; ++k) {
+          x_column[k] = x[k][v];
+        }
+        const State chunk = chunk_moments<ROWS>(x_column);
+        math::welford_merge_moments(mean[v], m2[v], chunk.mean, chunk.m2, weights);
+      }
+      count = weights.count;
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < ROWS; ++k) {
+      if (k < valid) {
+        ++count;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          math::welford_update_moments(mean[v], m2[v], x[k][v], count);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ State lane(int v) const {
+    return math::welford_from_moments<acc_t>(count, mean[v], m2[v]);
+  }
+};
+
+// Whether a thread of reduce_rows_kernel reads its channels' data (a fused activation's
+// coefficients) from a table in the row loop rather than holding VEC of them in registers, which
+// would leave too few for the activation's backward.
+template <typename Red, int VEC>
+constexpr bool kChannelsInLoop =
+    VEC * Red::kChannelFields * static_cast<int>(sizeof(typename Red::acc_t)) > 16 * 4;
+
+// The table of a fused reduction's grad_input coefficients in reduce_rows_kernel; none otherwise.
+template <typename Red, int VEC, typename = void>
+struct ElementCoeffTable {
+  using type = NoChannelData;
+};
+template <typename Red, int VEC>
+struct ElementCoeffTable<Red, VEC, std::enable_if_t<Red::kFusable>> {
+  using type = CoeffTable<typename decltype(Red::element)::Coeffs, VEC>;
+};
+
 // VEC adjacent channels per thread, blockDim.x * VEC channels per tile. Partial results as in
-// reduce_planes_kernel.
+// reduce_planes_kernel. The channel data of the row loop and the coefficients of a fused grad_input
+// are computed once per block column and shared through tables, as in elementwise_rows_kernel.
 template <typename Red, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     reduce_rows_kernel(const Red red, const RowTiling t, typename Red::State* partial) {
   using State = typename Red::State;
   using acc_t = typename Red::acc_t;
+  using Channel = typename Red::Channel;
   constexpr int ROWS = kRowsPerTile<Red, VEC>;
+  constexpr bool kChannelInLoop = kChannelsInLoop<Red, VEC>;
+  static_assert(plan::kMaxRowBlockX * VEC <= kThreads, "a channel of the tile per thread");
   __shared__ State shared[kThreads];
+  __shared__ std::conditional_t<kChannelInLoop, CoeffTable<Channel, VEC>, NoChannelData> channels;
+  __shared__ typename ElementCoeffTable<Red, VEC>::type coeff_table;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int tile_width = blockDim.x * VEC;
 
   const bool split_channels = t.units > t.tiles;
   // Every thread of the block runs the same units, inactive ones (channels past C) included, so
-  // the barriers inside column_reduce are met.
+  // the barriers are met.
   for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles, t.step)) {
     const int64_t split = u.split;
-    const int64_t c0 = (int64_t{u.tile} * blockDim.x + threadIdx.x) * VEC;
+    const int64_t tile_c0 = int64_t{u.tile} * tile_width;
+    const int64_t c0 = tile_c0 + threadIdx.x * VEC;
     const bool active = c0 < t.channels;  // C % VEC == 0: a thread has all VEC channels or none
-    typename Red::Channel channel[VEC];
-    State state[VEC];
+    Channel channel[kChannelInLoop ? 1 : VEC];
+    if constexpr (kChannelInLoop) {
+      // The previous unit's readers are past the barriers of its column_reduce.
+      if (tid < tile_width && tile_c0 + tid < t.channels) {
+        channels.store(tid / VEC, tid % VEC, red.channel(tile_c0 + tid));
+      }
+      __syncthreads();
+    } else {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      state[v] = Red::identity();
-      channel[v] = red.channel(active ? c0 + v : 0);
+      for (int v = 0; v < VEC; ++v) {
+        channel[v] = red.channel(active ? c0 + v : 0);
+      }
     }
+    RowStates<Red, VEC> states;
     if (active) {
       visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
         acc_t x[ROWS][VEC] = {};
         acc_t dy[ROWS][VEC] = {};
         load_tile<VEC, ROWS>(red, tile, x, dy);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          acc_t x_column[ROWS];
-          acc_t dy_column[ROWS];
-#pragma unroll
-          for (int k = 0; k < ROWS; ++k) {
-            x_column[k] = x[k][v];
-            dy_column[k] = dy[k][v];
-          }
-          if (tile.valid == ROWS) {
-            red.template add<ROWS>(state[v], x_column, dy_column, channel[v]);
+        states.add(red, x, dy, tile.valid, [&](int v) {
+          if constexpr (kChannelInLoop) {
+            return channels.template load<true>(threadIdx.x, v);
           } else {
+            return channel[v];
+          }
+        });
+      });
+    }
+    // Each lane's column total; row 0 of the column writes it out, and a fused grad_input's
+    // coefficients into the table.
 #pragma unroll
-            for (int k = 0; k < ROWS; ++k) {
-              if (k < tile.valid) {
-                red.template add<1>(state[v], &x_column[k], &dy_column[k], channel[v]);
-              }
+    for (int v = 0; v < VEC; ++v) {
+      const State total = column_reduce<Red>(states.lane(v), shared);
+      if (active && threadIdx.y == 0) {
+        if (split_channels) {
+          partial[split * t.channels + c0 + v] = total;
+        } else {
+          red.finish(c0 + v, total);
+          if constexpr (Red::kFusable) {
+            if (red.fused()) {
+              coeff_table.store(threadIdx.x, v, red.element_coeffs(c0 + v, total));
             }
           }
         }
-      });
-    }
-    State total[VEC];
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      total[v] = column_reduce<Red>(state[v], shared);
-    }
-    if (!active) {
-      continue;
-    }
-    if (split_channels) {
-      if (threadIdx.y == 0) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          partial[split * t.channels + c0 + v] = total[v];
-        }
-      }
-      continue;
-    }
-    if (threadIdx.y == 0) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        red.finish(c0 + v, total[v]);
       }
     }
     if constexpr (Red::kFusable) {
-      if (red.fused()) {
-        decltype(red.element_coeffs(0, total[0])) coeffs[VEC];
+      if (!split_channels && red.fused()) {
+        using Element = decltype(red.element);
+        constexpr bool kInLoop = kCoeffsInLoop<Element, VEC>;
+        __syncthreads();
+        if (active) {
+          typename Element::Coeffs coeffs[kInLoop ? 1 : VEC];
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          coeffs[v] = red.element_coeffs(c0 + v, total[v]);
+          for (int v = 0; v < (kInLoop ? 0 : VEC); ++v) {
+            coeffs[v] = coeff_table.template load<false>(threadIdx.x, v);
+          }
+          visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
+            transform_tile<VEC, ROWS>(red.element, tile, [&](int v) {
+              return kInLoop ? coeff_table.template load<true>(threadIdx.x, v) : coeffs[v];
+            });
+          });
         }
-        visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
-          transform_tile<VEC, ROWS>(red.element, tile, [&](int v) { return coeffs[v]; });
-        });
+        // The next unit's stores to the table follow the barriers of its column_reduce.
       }
     }
   }
@@ -743,48 +906,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     });
   }
 }
-
-// The coefficients of a channels_last tile (at most plan::kMaxRowBlockX threads x VEC channels),
-// in shared memory: all rows of the block use them, so each is computed once per block, not once
-// per thread row. Field f of lane v of thread column x is at [(v * kFields + f) * kMaxRowBlockX +
-// x], so that a warp's reads of one field and lane fall in distinct banks.
-template <typename Coeffs, int VEC>
-struct CoeffTable {
-  using acc_t = decltype(Coeffs::mean);
-  static constexpr int kFields = sizeof(Coeffs) / sizeof(acc_t);
-  acc_t fields[VEC * kFields * plan::kMaxRowBlockX];
-
-  // Thread column x, lane v: its channel is x * VEC + v of the tile.
-  __device__ __forceinline__ void store(int x, int v, const Coeffs& c) {
-    acc_t f[kFields];
-    std::memcpy(f, &c, sizeof(Coeffs));
-#pragma unroll
-    for (int i = 0; i < kFields; ++i) {
-      fields[(v * kFields + i) * plan::kMaxRowBlockX + x] = f[i];
-    }
-  }
-  // A volatile read stays where it is used, in the row loop, rather than being hoisted out of it.
-  template <bool kVolatile>
-  __device__ __forceinline__ Coeffs load(int x, int v) const {
-    const std::conditional_t<kVolatile, const volatile acc_t*, const acc_t*> table = fields;
-    acc_t f[kFields];
-#pragma unroll
-    for (int i = 0; i < kFields; ++i) {
-      f[i] = table[(v * kFields + i) * plan::kMaxRowBlockX + x];
-    }
-    Coeffs c;
-    std::memcpy(&c, f, sizeof(Coeffs));
-    return c;
-  }
-};
-
-// Whether a thread reads its coefficients from the table in the row loop, for each row, rather than
-// once into registers: when VEC lanes of them would take more than half of its 64 registers
-// (fp16 and bf16 grad_input with an activation, 40), too few would be left for the activation's
-// backward and the kernel would spill.
-template <typename Op, int VEC>
-constexpr bool kCoeffsInLoop =
-    VEC * Op::kCoeffFields * static_cast<int>(sizeof(typename Op::acc_t)) > 32 * 4;
 
 template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)

@@ -135,11 +135,9 @@ CKBN_PLAN_HOST_DEVICE constexpr int rows_per_tile(int load_bytes, int inputs) {
          : load_bytes * inputs >= 8 ? 4 : 8;
 }
 
-// Widest load, in elements, a kernel of `kind` may use: 16 bytes, except that a channels_last
-// reduction keeps a state per lane and holds at most 4 lanes per thread.
-constexpr int max_vector_width(Kind kind, bool channels_last, int element_size) {
-  return (kind == Kind::Reduce && channels_last && 16 / element_size > 4) ? 4 : 16 / element_size;
-}
+// Widest load, in elements, a kernel of `kind` may use: 16 bytes (a channels_last reduction holds
+// a state per lane, 8 lanes for fp16 and bf16).
+constexpr int max_vector_width(Kind, bool, int element_size) { return 16 / element_size; }
 
 // Elements per load: the widest power of two, at most max_vector_width, that divides the
 // contiguous extent (S, or C when channels_last) and keeps every pointer aligned; 1 if none.
