@@ -2,10 +2,14 @@
 statistics equal an unchecked run's (also under DenseNet's internal checkpointing), and a converted
 state_dict gives torch's eval outputs.
 
-fp32 on CPU, random initialisation with a fixed seed (no pretrained weights), small inputs.
+float64 on CPU, random initialisation with a fixed seed (no pretrained weights), small inputs. In
+float32 the comparison would pass or fail by luck of rounding: a pre-activation within a few ulp of
+zero lands on either side of it in two correct implementations, its ReLU mask flips, and that one
+element moves DenseNet-121's gradient vector by 5e-3. In float64 the rounding differences are near
+1e-15, far below the 1e-10 these tests allow, and any real difference is far above it.
 Gradients are compared as one vector over all parameters: some single gradients are sums that cancel
 to almost nothing (DenseNet's norm0.weight: norm 5e-4 from terms of order 1), whose relative error
-measures only rounding; a wrong gradient anywhere still moves the whole vector far beyond 1e-5.
+measures only rounding; a wrong gradient anywhere still moves the whole vector far beyond 1e-10.
 """
 
 import copy
@@ -18,23 +22,23 @@ import ckbn
 torchvision = pytest.importorskip("torchvision")
 
 INPUT_SHAPE = (4, 3, 64, 64)
-TOLERANCE = 1e-5
+TOLERANCE = 1e-10
 
 
 def build(name, **kwargs):
     torch.manual_seed(0)
-    return getattr(torchvision.models, name)(num_classes=10, **kwargs)
+    return getattr(torchvision.models, name)(num_classes=10, **kwargs).double()
 
 
 def sample_input(scale=1.0):
-    return torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(1)) * scale
+    return torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * scale
 
 
 def train_step(model):
     """Output and gradient (all parameters, one vector) of one training step."""
     torch.manual_seed(2)  # the same dropout mask in every model
     y = model(sample_input())
-    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)).sum().backward()
     return y.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -49,7 +53,7 @@ def batch_norms(model):
 
 def assert_buffers_match(ours, theirs):
     for (name, b_ours), b_theirs in zip(ours.named_buffers(), theirs.buffers()):
-        torch.testing.assert_close(b_ours, b_theirs, rtol=TOLERANCE, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b_ours, b_theirs, rtol=TOLERANCE, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def convert(model):
