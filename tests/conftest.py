@@ -29,10 +29,19 @@ def device(request):
     return request.param
 
 
+@pytest.fixture
+def ultralytics(tmp_path, monkeypatch):
+    """The ultralytics package, offline, its settings kept out of the home directory."""
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))  # its settings file goes here, not to the home
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    return pytest.importorskip("ultralytics")
+
+
 def pytest_report_header(config):
     return (
         f"ckbn {ckbn.__version__} from {os.path.dirname(ckbn.__file__)}; backend={ckbn.backend()}; "
-        f"cuda kernels={'yes' if ckbn.cuda_compiled() else 'no'}; torch {torch.__version__}"
+        f"cuda kernels={'yes' if ckbn.cuda_compiled() else 'no'}; torch {torch.__version__}; "
+        f"cpu capability={torch.backends.cpu.get_cpu_capability()}"
     )
 
 

@@ -346,13 +346,6 @@ def test_timm_batch_norm_act_with_dropout_is_refused():
     assert model[0] is norm and "drop=Dropout" in report.left["0"]
 
 
-@pytest.fixture
-def ultralytics(tmp_path, monkeypatch):
-    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))  # its settings file goes here, not to the home
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
-    return pytest.importorskip("ultralytics")
-
-
 def test_ultralytics_yolov8n_fuses_every_conv(ultralytics):
     from ultralytics.nn.modules import Conv
     from ultralytics.nn.tasks import DetectionModel

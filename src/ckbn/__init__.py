@@ -19,6 +19,7 @@ from .checkpointing import checkpoint, checkpoint_sequential, update_running_sta
 from .distributed import SyncBatchNorm
 from .function import BatchNormFunction
 from .fusion import FusionReport, fuse
+from .conversion import ConversionReport, convert_model
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -26,7 +27,6 @@ from .modules import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
-    convert_model,
 )
 from .norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .running_stats import frozen_running_stats
@@ -48,6 +48,7 @@ __all__ = [
     "BatchNormAct3d",
     "FusionReport",
     "BatchNormFunction",
+    "ConversionReport",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",

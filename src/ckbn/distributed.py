@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import modules
+from . import modules, surgery
 from ._backend import ops
 from .reference import stats_dtype
 
@@ -237,10 +237,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
         def replacement(child: torch.nn.Module) -> Optional[torch.nn.Module]:
             if type(child) in _CONVERTIBLE:
-                return modules._transplant(child, cls, process_group=process_group)
+                return surgery.transplant(child, cls, process_group=process_group)
             return None
 
-        return modules._replace_modules(module, replacement)
+        return surgery.replace_modules(module, replacement)
 
 
 _CONVERTIBLE = (

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import activations, modules
+from . import activations, modules, surgery
 from .norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
 logger = logging.getLogger(__name__)
@@ -92,11 +92,13 @@ def fuse(model: nn.Module, *, return_report: bool = False):
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             names.setdefault(id(module), name or "(the model itself)")
-            fusable = type(module) in _FUSED_CLASS or _is_timm_batch_norm_act(module)
+            fusable = type(module) in _FUSED_CLASS or surgery.is_timm_layer(module, "BatchNormAct2d")
+            # The same words as convert_model's for a layer ckbn cannot take over.
             default_reasons[id(module)] = (
                 "not called from a forward that fuse() could analyse"
                 if fusable
-                else f"{type(module).__name__} is not a BatchNorm class that fuse() replaces"
+                else surgery.why_not_convertible(module)
+                or f"{type(module).__name__} is not a BatchNorm class that fuse() replaces"
             )
     fuser = _Fuser()
     model = fuser.visit(model)
@@ -191,9 +193,19 @@ def _trace(module: nn.Module) -> fx.Graph:
     return graph
 
 
-def _is_timm_batch_norm_act(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+def fuse_timm_batch_norm_act(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
+    """``(ckbn.BatchNormAct2d, what it computes)`` for timm's BatchNormAct2d ``module``, sharing its
+    tensors, or ``(None, why not)`` when its drop or activation is not one ckbn fuses."""
+    activation = _activation_of_module(module.act)
+    if type(module.drop) is not nn.Identity:
+        return None, f"timm BatchNormAct2d with drop={type(module.drop).__name__}: ckbn fuses no dropout"
+    if _has_hooks(module):
+        return None, "timm BatchNormAct2d with hooks, which a new module would not have"
+    if type(module.act) is not nn.Identity and activation is None:
+        return None, f"timm BatchNormAct2d with act={type(module.act).__name__}: not an activation ckbn fuses"
+    name, param = activation or ("identity", 0.0)
+    fused = surgery.transplant(module, BatchNormAct2d, activation=name, activation_param=param)
+    return fused, name if name != "leaky_relu" else f"leaky_relu({param})"
 
 
 class _Fuser:
@@ -209,7 +221,7 @@ class _Fuser:
             replacement = self.visit(child)
             if replacement is not child:
                 setattr(module, name, replacement)
-        if _is_timm_batch_norm_act(module):
+        if surgery.is_timm_layer(module, "BatchNormAct2d"):
             result = self.convert_timm(module)
         elif not any(type(child) in _FUSED_CLASS for child in module.children()):
             result = module
@@ -235,7 +247,7 @@ class _Fuser:
         name, param = activation
         self.fused[id(batch_norm)] = name if name != "leaky_relu" else f"leaky_relu({param})"
         cls = cls or _FUSED_CLASS[type(batch_norm)]
-        return modules._transplant(batch_norm, cls, activation=name, activation_param=param)
+        return surgery.transplant(batch_norm, cls, activation=name, activation_param=param)
 
     def fuse_sequential(self, sequential: nn.Sequential) -> nn.Sequential:
         keys = list(sequential._modules)
@@ -293,19 +305,15 @@ class _Fuser:
         return module
 
     def convert_timm(self, module: nn.Module) -> nn.Module:
-        if type(module.drop) is not nn.Identity:
-            reason = f"timm BatchNormAct2d with drop={type(module.drop).__name__}: ckbn fuses no dropout"
-        elif type(module.act) is nn.Identity:
-            fused = modules._transplant(module, BatchNormAct2d, activation="identity")
+        fused, activation = fuse_timm_batch_norm_act(module)
+        if fused is None:
+            self.reasons[id(module)] = activation
+            return module
+        if activation == "identity":
             self.reasons[id(module)] = "timm BatchNormAct2d without activation (now ckbn.BatchNormAct2d, identity)"
-            return fused
-        elif _activation_of_module(module.act) is None or _has_hooks(module):
-            reason = f"timm BatchNormAct2d with act={type(module.act).__name__}: not an activation ckbn fuses"
         else:
-            return self.fused_module(module, _activation_of_module(module.act), BatchNormAct2d)
-        logger.warning("ckbn.fuse: cannot convert a timm BatchNormAct2d: %s", reason)
-        self.reasons[id(module)] = reason
-        return module
+            self.fused[id(module)] = activation
+        return fused
 
 
 class _TracedForward:
@@ -336,4 +344,4 @@ class _TracedForward:
         return {**vars(self), "_function": None}
 
 
-__all__ = ["FusionReport", "fuse"]
+__all__ = ["FusionReport", "fuse", "fuse_timm_batch_norm_act"]

@@ -1,5 +1,5 @@
 """Drop-in replacements for torch.nn.BatchNorm1d/2d/3d and LazyBatchNorm1d/2d/3d, and the policy
-they share with :func:`ckbn.functional.batch_norm`.
+they share with :func:`ckbn.functional.batch_norm` (converting a model is :mod:`ckbn.conversion`'s).
 
 Each ckbn module subclasses its torch counterpart, so constructor, parameters, buffers, state_dict
 keys, ``isinstance`` checks and ``extra_repr`` are torch's own. Only ``forward`` differs:
@@ -14,7 +14,7 @@ keys, ``isinstance`` checks and ``extra_repr`` are torch's own. Only ``forward``
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -274,76 +274,18 @@ class LazyBatchNorm3d(torch.nn.LazyBatchNorm3d):
         return batch_norm_forward(self, input)
 
 
-# A materialised torch lazy module has become torch.nn.BatchNorm*d and converts as one.
-_CONVERSIONS: Dict[Type[torch.nn.Module], Type[torch.nn.Module]] = {
-    torch.nn.BatchNorm1d: BatchNorm1d,
-    torch.nn.BatchNorm2d: BatchNorm2d,
-    torch.nn.BatchNorm3d: BatchNorm3d,
-    torch.nn.LazyBatchNorm1d: LazyBatchNorm1d,
-    torch.nn.LazyBatchNorm2d: LazyBatchNorm2d,
-    torch.nn.LazyBatchNorm3d: LazyBatchNorm3d,
-}
+class BatchNormForward:
+    """ckbn's BatchNorm forward for one layer whose class is another library's BatchNorm subclass
+    with torch's own forward: :func:`ckbn.convert_model` sets it as the instance's ``forward``, so the
+    layer keeps its class, methods, attributes and input check.
 
-
-def _transplant(source: torch.nn.modules.batchnorm._BatchNorm, target_cls: Type, **kwargs) -> torch.nn.Module:
-    """A ``target_cls`` sharing ``source``'s parameters and buffers (the same tensors, so an
-    optimizer built on the old model keeps working; for a lazy module, the same uninitialised ones,
-    materialised in place) and its training flag. ``kwargs`` go to the ``target_cls`` constructor."""
-    lazy = issubclass(target_cls, torch.nn.modules.lazy.LazyModuleMixin)
-    target = target_cls(
-        *(() if lazy else (source.num_features,)),
-        eps=source.eps,
-        momentum=source.momentum,
-        affine=source.affine,
-        track_running_stats=source.track_running_stats,
-        device="meta",
-        **kwargs,
-    )
-    with torch.no_grad():
-        # Every slot of either module, in source's order: a slot source lacks (bias=False) is None.
-        for name in dict.fromkeys([*source._parameters, *target._parameters]):
-            target.register_parameter(name, source._parameters.get(name))  # requires_grad comes along
-        for name in dict.fromkeys([*source._buffers, *target._buffers]):
-            persistent = name not in source._non_persistent_buffers_set
-            target.register_buffer(name, source._buffers.get(name), persistent=persistent)
-    target.train(source.training)
-    if hasattr(source, "qconfig"):
-        target.qconfig = source.qconfig
-    return target
-
-
-def _replace_modules(module: torch.nn.Module, replacement: Callable[[torch.nn.Module], Optional[torch.nn.Module]]):
-    """``module`` with every submodule for which ``replacement`` returns a module replaced by it,
-    recursively; a new object when ``module`` itself is replaced."""
-    replaced = replacement(module)
-    if replaced is not None:
-        return replaced
-    for name, child in module.named_children():
-        converted = _replace_modules(child, replacement)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
-
-
-def convert_model(module: torch.nn.Module, fuse_activations: bool = False) -> torch.nn.Module:
-    """Replace every torch BatchNorm1d/2d/3d and LazyBatchNorm1d/2d/3d (materialised or not) in
-    ``module`` with its ckbn equivalent, recursively.
-
-    With ``fuse_activations=True``, first :func:`ckbn.fuse` each BatchNorm whose only consumer is an
-    activation into one ``ckbn.BatchNormAct*d`` module, then convert the rest.
-
-    Parameters and buffers are shared, not copied, and ``requires_grad`` and the training flag are
-    kept. Returns the converted module (a new object when ``module`` itself is a BatchNorm), like
-    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+    A class rather than a bound method, so that the layer still deep-copies and pickles.
     """
 
-    if fuse_activations:
-        from .fusion import fuse  # fusion builds on this module
+    is_ckbn_forward = True  # what ckbn.surgery.is_ckbn_batch_norm looks for
 
-        module = fuse(module)
+    def __init__(self, module: torch.nn.modules.batchnorm._BatchNorm) -> None:
+        self.module = module
 
-    def replacement(child: torch.nn.Module) -> Optional[torch.nn.Module]:
-        target_cls = _CONVERSIONS.get(type(child))
-        return _transplant(child, target_cls) if target_cls is not None else None
-
-    return _replace_modules(module, replacement)
+    def __call__(self, input: Tensor) -> Tensor:
+        return batch_norm_forward(self.module, input)

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from . import surgery
+
 # A per-module nesting count, kept in the instance __dict__ so that it follows the module into
 # DataParallel replicas and is gone once the outermost context closes.
 _FROZEN = "_ckbn_running_stats_frozen"
@@ -23,10 +25,6 @@ def is_frozen(module: torch.nn.Module) -> bool:
     return module.__dict__.get(_FROZEN, 0) > 0
 
 
-def _is_ckbn(module: torch.nn.Module) -> bool:
-    return any(cls.__module__.startswith("ckbn.") for cls in type(module).__mro__)
-
-
 @contextlib.contextmanager
 def frozen_running_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the block, training-mode forwards of ``model``'s ckbn BatchNorm layers normalize with
@@ -35,19 +33,23 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     Everything else is unchanged: gradients, eval-mode forwards, and the checkpoint policy (a
     recompute never updates, inside the block or out of it). Contexts nest, over the same model or
     over parts of it. The layers themselves are marked, so the block covers every thread that runs
-    them (and DataParallel's replicas). ``model`` must hold no torch BatchNorm, which ckbn cannot freeze: convert it
-    with :func:`ckbn.convert_model` first.
+    them (and DataParallel's replicas). ``model`` must hold no BatchNorm that updates running
+    statistics outside ckbn (a TypeError names it): convert it with :func:`ckbn.convert_model` first.
     """
     layers = []
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             continue
-        if not _is_ckbn(module):
+        if surgery.is_ckbn_batch_norm(module):
+            layers.append(module)
+        elif surgery.keeps_running_stats(module):
+            # convert_model's rules: a layer it converts needs converting first; one it cannot, never freezes.
+            why_not = surgery.why_not_convertible(module)
+            advice = f"ckbn cannot convert it: {why_not}" if why_not else "convert the model with ckbn.convert_model first"
             raise TypeError(
                 f"ckbn.frozen_running_stats: {name or 'the model'} is a {type(module).__name__}, whose running "
-                "statistics ckbn cannot freeze; convert the model with ckbn.convert_model first"
+                f"statistics ckbn cannot freeze; {advice}"
             )
-        layers.append(module)
     for module in layers:
         module.__dict__[_FROZEN] = module.__dict__.get(_FROZEN, 0) + 1
     try:
