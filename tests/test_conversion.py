@@ -16,7 +16,10 @@ from torch import nn
 import ckbn
 from ckbn.conversion import BatchNormDropAct2d, SyncBatchNormDropAct
 
-timm = pytest.importorskip("timm")
+
+@pytest.fixture
+def timm():
+    return pytest.importorskip("timm")
 
 
 class PlainSubclass(nn.BatchNorm2d):
@@ -59,7 +62,7 @@ def assert_same_layer(converted, original, shape=(4, 3, 5, 5), shared=True):
         torch.testing.assert_close(ours(x64(*shape, seed=5)), expected, rtol=1e-12, atol=1e-12)
 
 
-def timm_norm_act(**kwargs):
+def timm_norm_act(timm, **kwargs):
     layer = timm.layers.BatchNormAct2d(3, **kwargs).double()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
@@ -78,8 +81,8 @@ def timm_norm_act(**kwargs):
         (dict(act_layer=nn.ReLU, drop_layer=nn.Dropout), BatchNormDropAct2d, None),
     ],
 )
-def test_timm_batch_norm_act_converts_whatever_its_activation_and_drop(kwargs, expected_class, activation):
-    original = timm_norm_act(**kwargs)
+def test_timm_batch_norm_act_converts_whatever_its_activation_and_drop(timm, kwargs, expected_class, activation):
+    original = timm_norm_act(timm, **kwargs)
     converted, report = ckbn.convert_model(original, return_report=True)
     assert type(converted) is expected_class
     if activation is not None:
@@ -92,9 +95,9 @@ def test_timm_batch_norm_act_converts_whatever_its_activation_and_drop(kwargs, e
     assert converted.num_batches_tracked.item() == 3
 
 
-def test_timm_sync_batch_norm_act_converts_with_its_process_group():
+def test_timm_sync_batch_norm_act_converts_with_its_process_group(timm):
     group = object()  # the converted layer keeps it, unused without an initialised process group
-    original = timm.layers.convert_sync_batchnorm(nn.Sequential(timm_norm_act(act_layer=nn.GELU)), process_group=group)[0]
+    original = timm.layers.convert_sync_batchnorm(nn.Sequential(timm_norm_act(timm, act_layer=nn.GELU)), process_group=group)[0]
     assert type(original) is timm.layers.SyncBatchNormAct
     converted = ckbn.convert_model(original)
     assert type(converted) is SyncBatchNormDropAct and converted.process_group is group
@@ -156,7 +159,7 @@ def test_strict_refuses_and_changes_nothing():
     assert type(model[0]) is nn.BatchNorm2d
 
 
-def test_layers_without_running_statistics_are_left_without_a_warning(caplog):
+def test_layers_without_running_statistics_are_left_without_a_warning(caplog, timm):
     torchvision = pytest.importorskip("torchvision")
 
     class NoStatistics(OwnForward):
@@ -175,7 +178,7 @@ def test_layers_without_running_statistics_are_left_without_a_warning(caplog):
         pass
 
 
-def test_report_of_timm_efficientnet():
+def test_report_of_timm_efficientnet(timm):
     model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)
     norms = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     converted, report = ckbn.convert_model(model, return_report=True, strict=True)
