@@ -315,8 +315,24 @@ def errors(rank: int, world_size: int) -> None:
     assert bn.num_batches_tracked.item() == 1 and x.grad is not None
 
 
+def recalibrate(rank: int, world_size: int, shards: str) -> None:
+    """ckbn.recalibrate over each rank's shard of batches (uneven, one empty) equals the population
+    statistics of all the batches in one process, on every rank, after one collective."""
+    from test_recalibrate import assert_matches_population, population_statistics, shifted_batches, small_model
+
+    shards = [int(n) for n in shards.split(",")]
+    batches = shifted_batches((3, 4, 4), [2, 5, 3, 1, 4][: sum(shards)])
+    mine = batches[_slice(rank, shards)]
+    model = small_model(2).double()
+    expected = population_statistics(model, batches)
+    collectives = _gloo_collectives(lambda: ckbn.recalibrate(model, mine))
+    assert sum(collectives.values()) == 1, collectives
+    assert_matches_population(model, expected, rtol=1e-12)
+    assert model[0].num_batches_tracked.item() == sum(shards)
+
+
 SCENARIOS = {
-    f.__name__: f for f in (uneven_batches, low_precision, large_count, collective_counts, ddp_training, errors)
+    f.__name__: f for f in (uneven_batches, low_precision, large_count, collective_counts, ddp_training, errors, recalibrate)
 }
 
 
@@ -344,7 +360,7 @@ def _rank_main(rank: str, world_size: str, port: str, *scenarios: str) -> None:
 # One launch per world size runs all of its scenarios: every rank process spends seconds importing torch.
 LAUNCHES = {
     2: ["collective_counts", "ddp_training", "uneven_batches:3,0", "low_precision", "large_count", "errors"],
-    3: ["uneven_batches:2,0,5"],
+    3: ["uneven_batches:2,0,5", "recalibrate:2,0,3"],
 }
 
 
@@ -365,6 +381,10 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("batches", ["3,0", "2,0,5"], ids=["2_ranks", "3_ranks"])
 def test_uneven_batches_match_batchnorm_on_concatenated_batch(ranks, batches):
     _assert_passed(ranks(len(batches.split(","))), f"uneven_batches:{batches}")
+
+
+def test_recalibrate_over_uneven_and_empty_shards(ranks):
+    _assert_passed(ranks(3), "recalibrate:2,0,3")
 
 
 def test_collectives_per_step(ranks):

@@ -181,3 +181,12 @@ def test_torch_batchnorm_is_refused():
     with ckbn.frozen_running_stats(ckbn.convert_model(model)):
         model(torch.randn(4, 3, 2, 2))
     assert model[1].num_batches_tracked.item() == 0
+
+
+def test_fused_layers_are_frozen_too():
+    layer = ckbn.BatchNormAct2d(3, "silu")
+    with ckbn.frozen_running_stats(torch.nn.Sequential(layer)):
+        layer(torch.randn(4, 3, 2, 2))
+    assert layer.num_batches_tracked.item() == 0 and torch.equal(layer.running_var, torch.ones(3))
+    layer(torch.randn(4, 3, 2, 2))
+    assert layer.num_batches_tracked.item() == 1

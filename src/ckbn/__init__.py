@@ -29,6 +29,7 @@ from .modules import (
     LazyBatchNorm3d,
 )
 from .norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .recalibration import recalibrate
 from .running_stats import frozen_running_stats
 
 __version__ = "0.1.0"
@@ -61,5 +62,6 @@ __all__ = [
     "frozen_running_stats",
     "functional",
     "fuse",
+    "recalibrate",
     "update_running_stats_in_backward",
 ]

@@ -37,7 +37,7 @@ _FRAME_SIZE = _HEADER + 2 * _FRAME_CHANNELS
 _COUNT_WORD = 2**24
 
 
-def _all_gather(values: Tensor, group) -> Tensor:
+def all_gather_rows(values: Tensor, group) -> Tensor:
     """Every rank's ``values`` (1-D), as rows of a [world_size, values.numel()] tensor in rank order."""
     world_size = dist.get_world_size(group)
     gathered = values.new_empty(world_size * values.numel())
@@ -67,7 +67,7 @@ def global_batch_stats(input: Tensor, eps: float, group) -> Tuple[Tensor, Tensor
         frame[_HEADER : _HEADER + channels] = mean
         frame[_HEADER + channels : _HEADER + 2 * channels] = invstd.double().pow(-2)
 
-    gathered = _all_gather(frame[:_FRAME_SIZE], group)
+    gathered = all_gather_rows(frame[:_FRAME_SIZE], group)
     # The header must reach the host, to raise on a channel mismatch before another collective and to
     # give update_running_stats its int count: on CUDA this is the forward's one host synchronisation.
     header = [[int(word) for word in row] for row in gathered[:, :_HEADER].tolist()]
@@ -79,7 +79,7 @@ def global_batch_stats(input: Tensor, eps: float, group) -> Tuple[Tensor, Tensor
             "with the same number of channels"
         )
     if frame.numel() > _FRAME_SIZE:
-        gathered = torch.cat([gathered, _all_gather(frame[_FRAME_SIZE:], group)], dim=1)
+        gathered = torch.cat([gathered, all_gather_rows(frame[_FRAME_SIZE:], group)], dim=1)
 
     total = sum(high * _COUNT_WORD + low for _, high, low in header)
     if total == 1:

@@ -12,6 +12,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 
 from . import surgery
 
@@ -38,7 +39,7 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """
     layers = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if not isinstance(module, _NormBase):  # _NormBase: the fused ckbn.BatchNormAct*d too
             continue
         if surgery.is_ckbn_batch_norm(module):
             layers.append(module)
