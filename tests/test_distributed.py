@@ -213,6 +213,7 @@ def collective_counts(rank: int, world_size: int) -> None:
     modes = {
         "none": lambda net, x: net(x),
         "ckbn.checkpoint": lambda net, x: ckbn.checkpoint(net, x),
+        "ckbn.checkpoint, save=compute": lambda net, x: ckbn.checkpoint(net, x, save="compute"),
         "torch checkpoint": lambda net, x: torch.utils.checkpoint.checkpoint(net, x, use_reentrant=False),
     }
     reference = copy.deepcopy(base)
@@ -239,6 +240,7 @@ def collective_counts(rank: int, world_size: int) -> None:
     per_layer = {"gloo:all_gather": 2, "gloo:all_reduce": 2}  # two SyncBatchNorm layers
     assert measured["none"] == per_layer, measured
     assert measured["ckbn.checkpoint"] == per_layer, measured
+    assert measured["ckbn.checkpoint, save=compute"] == per_layer, measured
     assert measured["torch checkpoint"] == {"gloo:all_gather": 4, "gloo:all_reduce": 2}, measured
     for mode in modes:
         assert measured[mode + ", eval"] == {}, measured

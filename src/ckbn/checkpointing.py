@@ -20,6 +20,7 @@ Two mechanisms, both consulted by the modules before they touch their running bu
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Any, Callable, List, Sequence, Tuple
 
@@ -159,7 +160,73 @@ def _record_replay_contexts() -> Tuple[_Recording, _Replaying]:
     return _Recording(record), _Replaying(record)
 
 
-def checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
+def _ops(*names: str) -> frozenset:
+    """The default overloads of the aten ops ``names`` that this torch has."""
+    found = set()
+    for name in names:
+        packet = getattr(torch.ops.aten, name, None)
+        overload = getattr(packet, "default", None) if packet is not None else None
+        if overload is not None:
+            found.add(overload)
+    return frozenset(found)
+
+
+# save="compute": ops whose outputs cost more to recompute than to keep. BatchNorm, activations,
+# adds, concatenations and pooling hold most of a CNN's activation memory for a few percent of its
+# FLOPs: those are recomputed.
+COMPUTE_INTENSIVE_OPS = _ops(
+    "convolution", "mm", "addmm", "bmm", "baddbmm", "linear",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def _selective_policy(save):
+    """torch's selective-checkpoint policy (a list of ops or a callable) for ``save``, or None."""
+    if save is None:
+        return None
+    if isinstance(save, str):
+        if save != "compute":
+            raise ValueError(f"ckbn.checkpoint: save must be None, 'compute', a set of ops or a policy callable, not {save!r}")
+        return sorted(COMPUTE_INTENSIVE_OPS, key=str)
+    if callable(save):
+        return save
+    try:
+        return list(save)
+    except TypeError:
+        raise TypeError(f"ckbn.checkpoint: save must be None, 'compute', a set of ops or a policy callable, not {save!r}") from None
+
+
+class _Both:
+    """Two context managers entered as one (checkpoint's context_fn returns one per phase)."""
+
+    def __init__(self, first, second) -> None:
+        self.contexts = (first, second)
+        self.stack = None
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        for context in self.contexts:
+            self.stack.enter_context(context)
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def _contexts(policy) -> Callable[[], tuple]:
+    if policy is None:
+        return _record_replay_contexts
+
+    def record_replay_and_select():
+        recording, replaying = _record_replay_contexts()
+        forward, recompute = torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)
+        return _Both(recording, forward), _Both(replaying, recompute)
+
+    return record_replay_and_select
+
+
+def checkpoint(function: Callable, *args: Any, save=None, **kwargs: Any) -> Any:
     """``torch.utils.checkpoint.checkpoint`` that replays BatchNorm statistics in the recompute.
 
     Runs ``function(*args, **kwargs)`` under torch's non-reentrant checkpoint. The forward records
@@ -168,26 +235,35 @@ def checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
     reproduces the forward's outputs bit for bit. Keyword arguments other than ``context_fn`` are
     passed to torch's checkpoint (``preserve_rng_state``, ``determinism_check``, ``debug``).
 
+    ``save`` chooses what the forward keeps (torch's selective checkpointing): None recomputes
+    everything; ``"compute"`` keeps the outputs of :data:`COMPUTE_INTENSIVE_OPS` (convolutions,
+    matrix products, attention) and recomputes the rest; a set or list of ops keeps those; a
+    callable is a policy as :func:`torch.utils.checkpoint.create_selective_checkpoint_contexts`
+    takes it. BatchNorm statistics replay under every policy.
+
     The checkpointed function must call the same BatchNorm layers in the same order every time.
 
-    Under ``torch.compile`` the record/replay is not traced: the compiler decides what to recompute,
-    and ckbn falls back to plain non-reentrant checkpointing, whose running statistics are still
-    updated exactly once.
+    Under ``torch.compile`` the record/replay is not traced: the compiler decides what to recompute
+    (with ``save``'s policy, under torch's rules for selective checkpointing), and ckbn falls back to
+    non-reentrant checkpointing, whose running statistics are still updated exactly once.
     """
     if "context_fn" in kwargs:
         raise TypeError("ckbn.checkpoint: context_fn is ckbn's own; use torch.utils.checkpoint for a custom one")
     if kwargs.pop("use_reentrant", False):
         raise ValueError("ckbn.checkpoint: use_reentrant=True cannot replay statistics; it is always non-reentrant")
+    policy = _selective_policy(save)
     checkpoint_kwargs = {
         key: kwargs.pop(key) for key in ("preserve_rng_state", "determinism_check", "debug") if key in kwargs
     }
     if torch.compiler.is_compiling():
+        if policy is not None:
+            checkpoint_kwargs["context_fn"] = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, policy)
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **checkpoint_kwargs, **kwargs)
     return torch.utils.checkpoint.checkpoint(
         function,
         *args,
         use_reentrant=False,
-        context_fn=_record_replay_contexts,
+        context_fn=_contexts(policy),
         **checkpoint_kwargs,
         **kwargs,
     )
@@ -202,7 +278,8 @@ def checkpoint_sequential(
     """``torch.utils.checkpoint.checkpoint_sequential`` built on :func:`checkpoint`.
 
     Splits ``functions`` into ``segments`` segments exactly as torch does, but checkpoints every
-    segment, the last one included, each with statistics replay.
+    segment, the last one included, each with statistics replay. Keyword arguments, ``save``
+    included, go to :func:`checkpoint`.
     """
     if isinstance(functions, torch.nn.Sequential):
         functions = list(functions.children())
@@ -230,4 +307,4 @@ def checkpoint_sequential(
     return input
 
 
-__all__ = ["checkpoint", "checkpoint_sequential", "in_backward_pass", "update_running_stats_in_backward"]
+__all__ = ["COMPUTE_INTENSIVE_OPS", "checkpoint", "checkpoint_sequential", "in_backward_pass", "update_running_stats_in_backward"]
