@@ -15,6 +15,7 @@ See README.md for the backends and environment variables.
 from . import functional
 from ._backend import ACTIVE as _ACTIVE
 from ._backend import cuda_compiled
+from .block_checkpointing import CheckpointingReport, apply_checkpointing
 from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
 from .distributed import SyncBatchNorm
 from .function import BatchNormFunction
@@ -54,6 +55,8 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "SyncBatchNorm",
+    "CheckpointingReport",
+    "apply_checkpointing",
     "backend",
     "checkpoint",
     "checkpoint_sequential",
