@@ -7,13 +7,20 @@ stage), in four variants:
   dense block and transition (DenseNet), torch's BatchNorm and activations;
 * ``ckbn``: ckbn.checkpoint around the same blocks, ckbn's BatchNorm;
 * ``ckbn fused``: the same, with BatchNorm + activation pairs fused
-  (``ckbn.convert_model(model, fuse_activations=True)``).
+  (``ckbn.convert_model(model, fuse_activations=True)``);
+* ``torch selective``: torch's selective checkpointing around the same blocks, keeping the outputs
+  of ckbn's ``COMPUTE_INTENSIVE_OPS`` (convolutions, matrix products), torch's BatchNorm;
+* ``ckbn fused selective``: ``ckbn.checkpoint(save="compute")`` with fused ckbn BatchNorm.
 
 The variants run side by side in one process, alternating run by run, and every figure is also
 given as a ratio to ``torch`` from the same run. On CPU: time is the minimum over --repeats runs on
---threads threads, and memory is the bytes of activations saved for backward. On CUDA: time is the
-median of CUDA-event timings, and memory is the peak of torch.cuda.max_memory_allocated above what
-the model and its gradients hold before the step.
+--threads threads. Memory is given three ways on CPU: the bytes autograd saves for backward (which
+cannot see what a selective policy keeps outside autograd's saved tensors), and what the step really
+holds: the resident bytes held when the forward returns and the peak during the backward, above what
+the process held before the step. The benchmark re-runs itself with ``MALLOC_MMAP_THRESHOLD_`` set,
+so that every freed tensor leaves the process at once, and resets the kernel's peak (``VmHWM``)
+before each step. On CUDA: time is the median of CUDA-event timings, and memory is the peak of
+torch.cuda.max_memory_allocated above what the model and its gradients hold before the step.
 
     python -m bench.models [--quick] [--device cuda] [--json PATH] [--md PATH] [--plot PATH]
 
@@ -27,7 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -52,13 +61,25 @@ class Variant(NamedTuple):
     convert: Optional[Callable[[nn.Module], nn.Module]]  # applied to a copy of the torch model
 
 
+def torch_selective_checkpoint(function: Callable, *args: torch.Tensor) -> torch.Tensor:
+    ops = sorted(ckbn.checkpointing.COMPUTE_INTENSIVE_OPS, key=str)
+    context_fn = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, ops)
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=context_fn)
+
+
+FUSED = functools.partial(ckbn.convert_model, fuse_activations=True)
 VARIANTS = (
     Variant("no checkpoint", None, None),
     Variant("torch", torch_checkpoint, None),
     Variant("ckbn", ckbn.checkpoint, ckbn.convert_model),
-    Variant("ckbn fused", ckbn.checkpoint, functools.partial(ckbn.convert_model, fuse_activations=True)),
+    Variant("ckbn fused", ckbn.checkpoint, FUSED),
+    Variant("torch selective", torch_selective_checkpoint, None),
+    Variant("ckbn fused selective", functools.partial(ckbn.checkpoint, save="compute"), FUSED),
 )
 BASELINE = "torch"
+UNCHECKED = "no checkpoint"
+# Every freed allocation from this size up goes back to the kernel at once, so resident bytes follow live tensors.
+MMAP_THRESHOLD = "65536"
 
 
 def resnet18() -> CheckpointedNet:
@@ -85,7 +106,7 @@ def densenet121() -> CheckpointedNet:
 # name -> (builder, default batch size, default image size)
 MODELS: Dict[str, Tuple[Callable[[], CheckpointedNet], int, int]] = {
     "resnet18": (resnet18, 16, 32),
-    "densenet121": (densenet121, 16, 32),
+    "densenet121": (densenet121, 8, 128),  # its last stage 4x4: 128 values per channel at batch 8
     "resnet50": (resnet50, 8, 128),
 }
 
@@ -117,6 +138,29 @@ def activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return saved.total
 
 
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def resident_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
+    """(bytes held when the forward returns, peak bytes during the backward), above what the
+    process held before the step (CPU, Linux)."""
+    model.zero_grad(set_to_none=False)
+    gc.collect()
+    before = _proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM, the peak resident set, to the current one
+    loss = F.cross_entropy(model(x), y)
+    held = _proc_status_bytes("VmRSS") - before
+    loss.backward()
+    peak = _proc_status_bytes("VmHWM") - before
+    return held, peak
+
+
 def seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     if x.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -140,6 +184,7 @@ def benchmark(name: str, batch_size: int, image_size: int, repeats: int, device:
     for model in models.values():
         train_step(model, x, y)  # warm-up; allocates the gradients
     memory = {variant: activation_bytes(model, x, y) for variant, model in models.items()}
+    resident = {variant: resident_bytes(model, x, y) for variant, model in models.items()} if device.type == "cpu" else {}
     times: Dict[str, List[float]] = {variant: [] for variant in models}
     order = list(models)
     for _ in range(repeats):
@@ -159,30 +204,50 @@ def benchmark(name: str, batch_size: int, image_size: int, repeats: int, device:
             "time_ratio": time_ms[variant] / time_ms[BASELINE],
             "memory_bytes": memory[variant],
             "memory_ratio": memory[variant] / memory[BASELINE],
+            "time_vs_unchecked": time_ms[variant] / time_ms[UNCHECKED],
+            **(
+                {
+                    "held_bytes": resident[variant][0],
+                    "held_vs_unchecked": resident[variant][0] / resident[UNCHECKED][0],
+                    "backward_peak_bytes": resident[variant][1],
+                    "backward_peak_vs_unchecked": resident[variant][1] / resident[UNCHECKED][1],
+                }
+                if resident
+                else {}
+            ),
         }
         for variant in models
     ]
 
 
 def markdown(report: dict) -> str:
+    resident = "held_bytes" in report["rows"][0]
     lines = [
         f"{report['machine']}; ckbn backend: {report['ckbn_backend']}; torch {report['torch']}; "
         f"time: {report['time']}; memory: {report['memory']}. Ratios are to `{BASELINE}` "
-        "(torch.utils.checkpoint + torch BatchNorm).",
+        f"(torch.utils.checkpoint + torch BatchNorm) and to `{UNCHECKED}`.",
         "",
-        "| model | variant | batch | time (ms) | time / torch | memory (MiB) | memory / torch |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| model | variant | batch | time (ms) | time / torch | time / unchecked | saved for backward (MiB) | saved / torch |"
+        + (" held after forward (MiB) | held / unchecked | backward peak (MiB) | peak / unchecked |" if resident else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if resident else ""),
     ]
     for r in report["rows"]:
-        lines.append(
+        line = (
             f"| {r['model']} | {r['variant']} | {r['batch_size']} of {r['image_size']}² | {r['time_ms']:.1f} | "
-            f"{r['time_ratio']:.2f} | "
-            f"{r['memory_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |"
+            f"{r['time_ratio']:.2f} | {r['time_vs_unchecked']:.2f} | {r['memory_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |"
         )
+        if resident:
+            line += (
+                f" {r['held_bytes'] / 2**20:.1f} | {r['held_vs_unchecked']:.2f} | "
+                f"{r['backward_peak_bytes'] / 2**20:.1f} | {r['backward_peak_vs_unchecked']:.2f} |"
+            )
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
+    """Per model, step time against memory (held after the forward on CPU, the peak on CUDA), one
+    point per variant: the frontier the checkpointing choices span."""
     try:
         import matplotlib
 
@@ -191,18 +256,16 @@ def plot(report: dict, path: Path) -> None:
     except ImportError:
         return
     rows = report["rows"]
+    memory = "held_bytes" if "held_bytes" in rows[0] else "memory_bytes"
     models = list(dict.fromkeys(r["model"] for r in rows))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.8 / len(variants)
-    for ax, field, title in zip(axes, ("time_ratio", "memory_ratio"), ("time / torch", "memory / torch")):
-        for i, variant in enumerate(variants):
-            values = [next(r[field] for r in rows if r["model"] == m and r["variant"] == variant) for m in models]
-            ax.bar([j + i * width for j in range(len(models))], values, width, label=variant)
-        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(models))], models)
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_title(title)
-    axes[0].legend()
+    figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in (r for r in rows if r["model"] == model):
+            ax.scatter(r[memory] / 2**20, r["time_ms"], label=r["variant"])
+            ax.annotate(r["variant"], (r[memory] / 2**20, r["time_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("held after forward (MiB)" if memory == "held_bytes" else "peak memory (MiB)")
+        ax.set_ylabel("step time (ms)")
+        ax.set_title(model)
     figure.suptitle(f"{report['machine']}, ckbn backend: {report['ckbn_backend']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120, format="png")  # whatever the file is called
@@ -235,6 +298,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or default_device())
+    if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and argv is None:
+        # glibc reads the threshold at start-up: run again with it, for the resident-memory figures.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+        os.execve(sys.executable, [sys.executable, "-m", "bench.models", *sys.argv[1:]], env)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -259,7 +326,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "torch": torch.__version__,
         "repeats": args.repeats,
         "time": f"minimum of {args.repeats} runs" if cpu else f"median of {args.repeats} runs (CUDA events)",
-        "memory": "activation bytes saved for backward" if cpu else "max_memory_allocated above model and gradients",
+        "memory": "bytes saved for backward, and resident bytes held after the forward and at the backward's peak "
+        f"(MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')})"
+        if cpu
+        else "max_memory_allocated above model and gradients",
         "rows": rows,
     }
     for path in (args.json, args.md, args.plot):
