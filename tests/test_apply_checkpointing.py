@@ -122,3 +122,17 @@ def test_fused_forwards_are_kept_and_check_fn_picks(checkpoint_calls):
     assert len(checkpoint_calls) == 8
     report = ckbn.apply_checkpointing(stages, lambda m: isinstance(m, torch.nn.Sequential))
     assert report.wrapped == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_composes_with_frozen_running_stats_and_sync_batch_norm(checkpoint_calls):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = ckbn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(num_classes=10))
+    unchecked = copy.deepcopy(model)
+    ckbn.apply_checkpointing(model, save="compute")
+    x = torch.randn(2, 3, 32, 32)
+    with ckbn.frozen_running_stats(model):
+        step(model, x)
+    assert len(checkpoint_calls) == 8 and model.layer1[0].bn1.num_batches_tracked.item() == 0
+    torch.testing.assert_close(step(model, x)[0], step(unchecked, x)[0], rtol=0, atol=0)
+    assert model.layer1[0].bn1.num_batches_tracked.item() == 1

@@ -256,19 +256,26 @@ class CheckpointedNet(torch.nn.Module):
         self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
         self.block = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
 
+    checkpointed = True  # False: plain, for ckbn.apply_checkpointing to wrap the block
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ckbn.checkpoint(self.block, self.stem(x))
+        return ckbn.checkpoint(self.block, self.stem(x)) if self.checkpointed else self.block(self.stem(x))
 
 
-def ddp_training(rank: int, world_size: int) -> None:
-    """3 SGD steps under DDP with ckbn.SyncBatchNorm and ckbn.checkpoint equal one process on the whole batch."""
+def ddp_training(rank: int, world_size: int, wrapping: str = "ckbn.checkpoint") -> None:
+    """3 SGD steps under DDP with ckbn.SyncBatchNorm and ckbn.checkpoint (or, with ``apply``,
+    ckbn.apply_checkpointing(save="compute") on the block) equal one process on the whole batch."""
     batches = [3, 5]
     mine = _slice(rank, batches)
     torch.manual_seed(0)
     base = CheckpointedNet().double()
     _randomize_affine(base, seed=1)
     single = ckbn.convert_model(copy.deepcopy(base))
-    ddp = torch.nn.parallel.DistributedDataParallel(ckbn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base)))
+    synced = ckbn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base))
+    if wrapping == "apply":
+        synced.checkpointed = False
+        assert ckbn.apply_checkpointing(synced, lambda m: m is synced.block, save="compute").wrapped == ["block"]
+    ddp = torch.nn.parallel.DistributedDataParallel(synced)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (single, ddp)]
     generator = torch.Generator().manual_seed(2)
     for _ in range(3):
@@ -361,7 +368,7 @@ def _rank_main(rank: str, world_size: str, port: str, *scenarios: str) -> None:
 
 # One launch per world size runs all of its scenarios: every rank process spends seconds importing torch.
 LAUNCHES = {
-    2: ["collective_counts", "ddp_training", "uneven_batches:3,0", "low_precision", "large_count", "errors"],
+    2: ["collective_counts", "ddp_training", "ddp_training:apply", "uneven_batches:3,0", "low_precision", "large_count", "errors"],
     3: ["uneven_batches:2,0,5", "recalibrate:2,0,3"],
 }
 
@@ -403,8 +410,9 @@ def test_count_beyond_float32_integers(ranks):
     _assert_passed(ranks(2), "large_count")
 
 
-def test_ddp_with_checkpoint_matches_single_process(ranks):
-    _assert_passed(ranks(2), "ddp_training")
+@pytest.mark.parametrize("scenario", ["ddp_training", "ddp_training:apply"])
+def test_ddp_with_checkpoint_matches_single_process(ranks, scenario):
+    _assert_passed(ranks(2), scenario)
 
 
 def test_errors_are_raised_on_every_rank(ranks):

@@ -194,3 +194,13 @@ def test_lazy_and_frozen_layers():
     expected = population_statistics(model, batches)
     assert type(model[0]) is ckbn.BatchNorm2d
     assert_matches_population(model, expected, rtol=1e-12)
+
+
+def test_sync_batch_norm_without_a_process_group():
+    torch.manual_seed(0)
+    model = ckbn.SyncBatchNorm.convert_sync_batchnorm(small_model(2)).double()
+    assert any(isinstance(m, ckbn.SyncBatchNorm) for m in model.modules())
+    batches = shifted_batches((3, 4, 4), [2, 3, 4])
+    expected = population_statistics(model, batches)
+    ckbn.recalibrate(model, batches)
+    assert_matches_population(model, expected, rtol=1e-12)
