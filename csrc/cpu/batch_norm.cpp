@@ -15,15 +15,30 @@
 namespace ckbn {
 namespace {
 
-// The loops compiled for the instruction set ATen itself uses on this CPU.
+#ifdef CKBN_CPU_X86_DISPATCH
+// Whether this CPU runs each set of loops (the instruction sets of their target strings). ATen
+// reports ATEN_CPU_CAPABILITY as asked, even above what the CPU has; the loops must not run there.
+bool cpu_runs_avx2_loops() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+}
+
+bool cpu_runs_avx512_loops() {
+  return cpu_runs_avx2_loops() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+#endif
+
+// The loops compiled for the instruction set ATen itself uses on this CPU, capped at what the CPU has.
 const cpu::Kernels& kernels() {
   static const cpu::Kernels& chosen = []() -> const cpu::Kernels& {
 #ifdef CKBN_CPU_X86_DISPATCH
     const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") {
+    if (capability == "AVX512" && cpu_runs_avx512_loops()) {
       return cpu::kernels_avx512();
     }
-    if (capability == "AVX2") {
+    if ((capability == "AVX512" || capability == "AVX2") && cpu_runs_avx2_loops()) {
       return cpu::kernels_avx2();
     }
 #endif
