@@ -161,6 +161,11 @@ def resident_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[
     return held, peak
 
 
+def _ratio(value: float, reference: float) -> float:
+    # A tiny model can hold nothing measurable above the page granularity of resident memory.
+    return value / reference if reference > 0 else float("nan")
+
+
 def seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     if x.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -208,9 +213,9 @@ def benchmark(name: str, batch_size: int, image_size: int, repeats: int, device:
             **(
                 {
                     "held_bytes": resident[variant][0],
-                    "held_vs_unchecked": resident[variant][0] / resident[UNCHECKED][0],
+                    "held_vs_unchecked": _ratio(resident[variant][0], resident[UNCHECKED][0]),
                     "backward_peak_bytes": resident[variant][1],
-                    "backward_peak_vs_unchecked": resident[variant][1] / resident[UNCHECKED][1],
+                    "backward_peak_vs_unchecked": _ratio(resident[variant][1], resident[UNCHECKED][1]),
                 }
                 if resident
                 else {}
