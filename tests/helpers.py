@@ -2,6 +2,8 @@
 
 import functools
 
+import torch
+
 from ckbn._backend import ops
 
 
@@ -26,3 +28,11 @@ def raised(call):
     except Exception as error:  # noqa: BLE001  (the exception itself is what is compared)
         return error
     return None
+
+
+def tensors_of(output):
+    """The tensors of a model's output, in order: a tensor, or lists, tuples and dicts of them."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output
+    return [t for value in values for t in tensors_of(value)]

@@ -11,6 +11,7 @@ import torch
 
 import ckbn
 import ckbn.block_checkpointing
+from helpers import tensors_of
 
 
 def torchvision_model(name):
@@ -40,16 +41,9 @@ MODELS = {
 }
 
 
-def outputs_of(output):
-    if isinstance(output, torch.Tensor):
-        return [output]
-    values = output.values() if isinstance(output, dict) else output
-    return [t for value in values for t in outputs_of(value)]
-
-
 def step(model, x):
     torch.manual_seed(0)  # the same dropout masks in every model
-    outputs = outputs_of(model(x))
+    outputs = tensors_of(model(x))
     sum((o * o).mean() for o in outputs).backward()
     return [o.detach() for o in outputs]
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import ckbn
+from helpers import tensors_of
 
 STEPS = 3
 RTOL, ATOL = 1e-12, 1e-14  # a checkpoint recomputes the same float64 operations
@@ -35,14 +36,6 @@ def train(model, make_input, steps=STEPS):
         loss.backward()
         optimizer.step()
     return [o.detach() for o in outputs]
-
-
-def tensors_of(output):
-    """The tensors of a model's output, in order: a tensor, or lists, tuples and dicts of them."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    values = output.values() if isinstance(output, dict) else output
-    return [t for value in values for t in tensors_of(value)]
 
 
 def image_batches(shape):
