@@ -118,6 +118,12 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+def _label(activation: Activation) -> str:
+    """How the report names a fused activation: leaky_relu with its slope."""
+    name, param = activation
+    return name if name != "leaky_relu" else f"leaky_relu({param})"
+
+
 def _checked(name: str, param) -> Optional[Activation]:
     try:
         return activations.canonical(name, param)
@@ -205,7 +211,7 @@ def fuse_timm_batch_norm_act(module: nn.Module) -> Tuple[Optional[nn.Module], st
         return None, f"timm BatchNormAct2d with act={type(module.act).__name__}: not an activation ckbn fuses"
     name, param = activation or ("identity", 0.0)
     fused = surgery.transplant(module, BatchNormAct2d, activation=name, activation_param=param)
-    return fused, name if name != "leaky_relu" else f"leaky_relu({param})"
+    return fused, _label((name, param))
 
 
 class _Fuser:
@@ -245,7 +251,7 @@ class _Fuser:
 
     def fused_module(self, batch_norm: nn.Module, activation: Activation, cls=None) -> nn.Module:
         name, param = activation
-        self.fused[id(batch_norm)] = name if name != "leaky_relu" else f"leaky_relu({param})"
+        self.fused[id(batch_norm)] = _label(activation)
         cls = cls or _FUSED_CLASS[type(batch_norm)]
         return surgery.transplant(batch_norm, cls, activation=name, activation_param=param)
 
