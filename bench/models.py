@@ -17,9 +17,10 @@ given as a ratio to ``torch`` from the same run. On CPU: time is the minimum ove
 --threads threads. Memory is given three ways on CPU: the bytes autograd saves for backward (which
 cannot see what a selective policy keeps outside autograd's saved tensors), and what the step really
 holds: the resident bytes held when the forward returns and the peak during the backward, above what
-the process held before the step. The benchmark re-runs itself with ``MALLOC_MMAP_THRESHOLD_`` set,
-so that every freed tensor leaves the process at once, and resets the kernel's peak (``VmHWM``)
-before each step. On CUDA: time is the median of CUDA-event timings, and memory is the peak of
+the process held before the step. Those are measured in a child process started with
+``MALLOC_MMAP_THRESHOLD_`` set, so that every freed tensor leaves the process at once, which resets
+the kernel's peak (``VmHWM``) before each step; the times are measured in the parent, with the
+allocator as training has it. On CUDA: time is the median of CUDA-event timings, and memory is the peak of
 torch.cuda.max_memory_allocated above what the model and its gradients hold before the step.
 
     python -m bench.models [--quick] [--device cuda] [--json PATH] [--md PATH] [--plot PATH]
@@ -38,7 +39,9 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -179,17 +182,48 @@ def seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return time.perf_counter() - begin
 
 
-def benchmark(name: str, batch_size: int, image_size: int, repeats: int, device: torch.device) -> List[dict]:
+def _setup(name: str, batch_size: int, image_size: int, device: torch.device):
     torch.manual_seed(0)
     base = MODELS[name][0]().to(device)
     models = {variant.name: variant_model(base, variant) for variant in VARIANTS}
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(CLASSES, (batch_size,), device=device)
-
     for model in models.values():
         train_step(model, x, y)  # warm-up; allocates the gradients
+    return models, x, y
+
+
+def resident_of_every_variant(name: str, batch_size: int, image_size: int) -> Dict[str, Tuple[int, int]]:
+    models, x, y = _setup(name, batch_size, image_size, torch.device("cpu"))
+    return {variant: resident_bytes(model, x, y) for variant, model in models.items()}
+
+
+def resident_in_child(args: argparse.Namespace) -> Dict[str, Dict[str, Tuple[int, int]]]:
+    """The resident-memory figures, measured in a child process started with MALLOC_MMAP_THRESHOLD_
+    (glibc reads it at start-up), so that every freed tensor leaves the process at once. Times are
+    measured here, with the allocator as training runs it: with the threshold, each large tensor is
+    a fresh mapping whose pages the kernel faults in and zeroes, which would slow every variant."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "resident.json"
+        command = [sys.executable, "-m", "bench.models", "--resident-json", str(out), "--models", args.models]
+        for flag, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
+            if value is not None:
+                command += [flag, str(value)]
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+        subprocess.run(command, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
+        return json.loads(out.read_text())
+
+
+def benchmark(
+    name: str,
+    batch_size: int,
+    image_size: int,
+    repeats: int,
+    device: torch.device,
+    resident: Dict[str, Tuple[int, int]],
+) -> List[dict]:
+    models, x, y = _setup(name, batch_size, image_size, device)
     memory = {variant: activation_bytes(model, x, y) for variant, model in models.items()}
-    resident = {variant: resident_bytes(model, x, y) for variant, model in models.items()} if device.type == "cpu" else {}
     times: Dict[str, List[float]] = {variant: [] for variant in models}
     order = list(models)
     for _ in range(repeats):
@@ -271,7 +305,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("held after forward (MiB)" if memory == "held_bytes" else "peak memory (MiB)")
         ax.set_ylabel("step time (ms)")
         ax.set_title(model)
-    figure.suptitle(f"{report['machine']}, ckbn backend: {report['ckbn_backend']}")
+    figure.suptitle(f"{report['machine']}, ckbn backend: {report['ckbn_backend']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120, format="png")  # whatever the file is called
     plt.close(figure)
@@ -288,6 +322,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 2 of 32x32, 2 repeats")
+    parser.add_argument("--resident-json", type=Path, default=None, help=argparse.SUPPRESS)  # the child's output
     parser.add_argument("--json", type=Path, default=OUT / "models.json", help="default bench/out/models.json")
     parser.add_argument("--md", type=Path, default=OUT / "models.md", help="default bench/out/models.md")
     parser.add_argument("--plot", type=Path, default=OUT / "models.png", help="default bench/out/models.png")
@@ -303,23 +338,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or default_device())
-    if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and argv is None:
-        # glibc reads the threshold at start-up: run again with it, for the resident-memory figures.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-        os.execve(sys.executable, [sys.executable, "-m", "bench.models", *sys.argv[1:]], env)
+    names = args.models.split(",")
+    sizes = {name: (args.batch_size or MODELS[name][1], args.image_size or MODELS[name][2]) for name in names}
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
+        if args.resident_json is not None:
+            if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
+                raise SystemExit(f"--resident-json needs MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} in the environment")
+            figures = {name: resident_of_every_variant(name, *sizes[name]) for name in names}
+            args.resident_json.write_text(json.dumps(figures))
+            return 0
+        resident = resident_in_child(args) if device.type == "cpu" else {}
         rows = [
             row
-            for name in args.models.split(",")
-            for row in benchmark(
-                name,
-                args.batch_size or MODELS[name][1],
-                args.image_size or MODELS[name][2],
-                args.repeats,
-                device,
-            )
+            for name in names
+            for row in benchmark(name, *sizes[name], args.repeats, device, resident.get(name, {}))
         ]
     finally:
         torch.set_num_threads(threads)
@@ -332,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "repeats": args.repeats,
         "time": f"minimum of {args.repeats} runs" if cpu else f"median of {args.repeats} runs (CUDA events)",
         "memory": "bytes saved for backward, and resident bytes held after the forward and at the backward's peak "
-        f"(MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')})"
+        f"(measured in a child process with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; times without it)"
         if cpu
         else "max_memory_allocated above model and gradients",
         "rows": rows,

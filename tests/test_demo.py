@@ -92,3 +92,27 @@ def test_models_benchmark_quick(tmp_path):
         if row["variant"] == bench.BASELINE:
             assert row["time_ratio"] == row["memory_ratio"] == 1
     assert "| resnet18 | ckbn |" in outputs["--md"].read_text()
+
+
+def test_models_summary_of_runs(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+    from bench import models, summarize_models
+
+    runs = []
+    for index, slow in enumerate((1.0, 2.0, 3.0)):
+        rows = [
+            {"model": "m", "variant": variant.name, "time_ms": 10.0 * (1 + slow * i), "held_bytes": 100 - i,
+             "time_vs_unchecked": 1 + slow * i, "time_ratio": 1.0, "held_vs_unchecked": 1.0,
+             "backward_peak_vs_unchecked": 1.0}
+            for i, variant in enumerate(models.VARIANTS)
+        ]
+        path = tmp_path / f"run{index}.json"
+        path.write_text(json.dumps({"machine": "CPU", "torch": "x", "ckbn_backend": "b", "time": "t", "rows": rows}))
+        runs.append(str(path))
+    assert summarize_models.main(runs + ["--md", str(tmp_path / "s.md"), "--plot", str(tmp_path / "s.png")]) == 0
+    table = (tmp_path / "s.md").read_text()
+    # The second variant's time / unchecked over the three runs: 2, 3, 4: median 3, range 2-4.
+    assert f"| m | {models.VARIANTS[1].name} | 3 | 30 | 3.00 (2.00–4.00) |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| m |")]) == len(models.VARIANTS)
