@@ -17,14 +17,19 @@ import sys
 import setuptools
 from setuptools import setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# The build backend (pyproject.toml) has already made the target environment's torch importable;
+# it also holds the range of torch releases ckbn supports.
+sys.path.insert(0, os.path.join(ROOT, "build_backend"))
+from ckbn_build import OLDEST_TORCH, SUPPORTED_TORCH  # noqa: E402
+
 try:
-    import torch  # noqa: F401
+    import torch
 except ImportError:
-    sys.exit(
-        "ckbn: building needs torch importable in the build environment. Install torch first, then run\n"
-        "    pip install --no-build-isolation .\n"
-        "(plain `pip install .` builds in an isolated environment without your torch)."
-    )
+    sys.exit(f"ckbn: building needs torch ({SUPPORTED_TORCH}). Install torch first, then run `pip install .`")
+
+if tuple(int(part) for part in torch.__version__.split(".")[:2]) < OLDEST_TORCH:
+    sys.exit(f"ckbn: torch {torch.__version__} is too old to build against; ckbn supports {SUPPORTED_TORCH}")
 
 if "bdist_wheel" in sys.argv or "dist_info" in sys.argv:
     # setuptools before 70.1 builds wheels only with the `wheel` package, which a fresh venv lacks.
@@ -40,10 +45,11 @@ if "bdist_wheel" in sys.argv or "dist_info" in sys.argv:
                 "then run `pip install --no-build-isolation .` again."
             )
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-# Architectures shipped when no GPU is visible to pick from: Ampere, Ada, Hopper, plus PTX for
-# the newest so that later GPUs can JIT it.
-DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+# Architectures shipped when no GPU is visible to pick from: sm_80 code, which also runs on the
+# other Ampere and Ada GPUs (sm_86, sm_89: same major version), sm_90 for Hopper, and PTX for the
+# newest so that later GPUs can JIT it. Each architecture adds about as much compile time as the
+# host code of every .cu file; docs/install.md gives the measured costs.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def find_cuda_home():
@@ -144,6 +150,23 @@ print(
 )
 
 
+class BuildExtensionRecordingTorch(BuildExtension):
+    """Also writes ckbn/_build_info.py beside the compiled library: the torch it was built against,
+    which `import ckbn` compares with the torch it is loaded into."""
+
+    def run(self):
+        super().run()
+        package_dir = os.path.dirname(self.get_ext_fullpath("ckbn._C"))
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None
+        with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
+            f.write(
+                '"""Written by setup.py when ckbn._C was built."""\n\n'
+                f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+                f"CUDA_KERNELS = {with_cuda!r}\n"
+                f"CUDA_ARCH_LIST = {arch_list!r}\n"
+            )
+
+
 def license_metadata():
     """BSD-3-Clause as an SPDX expression where setuptools knows them (77+), as plain text before."""
     major = int(setuptools.__version__.split(".")[0])
@@ -153,5 +176,5 @@ def license_metadata():
 setup(
     **license_metadata(),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionRecordingTorch},
 )

@@ -58,7 +58,8 @@ def run(ops, device) -> list:
     for shape, layout, dtype in CASES:
         label = f"{shape} {layout} {str(dtype).replace('torch.', '')}"
         make = lambda: in_layout(  # noqa: E731
-            (torch.randn(shape, generator=gen, device=device, dtype=torch.float64) * 3 + 5).to(dtype), layout)
+            (torch.randn(shape, generator=gen, device=device, dtype=torch.float64) * 3 + 5).to(dtype), layout
+        )
         x, dy = make(), make()
         channels, count = shape[1], x.numel() // shape[1]
         acc = reference.stats_dtype(dtype)
@@ -69,9 +70,18 @@ def run(ops, device) -> list:
         mean, invstd = ops.batch_stats(x, EPS)
         check(f"{label} batch_stats", (mean, invstd), reference.batch_stats(x, EPS), stats_tol, failures)
         mean, invstd = reference.batch_stats(x, EPS)
-        check(f"{label} normalize", ops.normalize(x, mean, invstd, weight, bias),
-              reference.normalize(x, mean, invstd, weight, bias), tol, failures)
-        running = [torch.zeros(channels, device=device), torch.ones(channels, device=device), torch.tensor(0, device=device)]
+        check(
+            f"{label} normalize",
+            ops.normalize(x, mean, invstd, weight, bias),
+            reference.normalize(x, mean, invstd, weight, bias),
+            tol,
+            failures,
+        )
+        running = [
+            torch.zeros(channels, device=device),
+            torch.ones(channels, device=device),
+            torch.tensor(0, device=device),
+        ]
         expected = [t.clone() for t in running]
         ops.update_running_stats(*running, mean, invstd, None, EPS, count)
         reference.update_running_stats(*expected, mean, invstd, None, EPS, count)
@@ -83,11 +93,15 @@ def run(ops, device) -> list:
             check(f"{label} backward train={train} grad_input", got[0], want[0], tol, failures)
             check(f"{label} backward train={train} grads", got[1:], want[1:], tol, failures, scale=count**0.5)
         sums = ops.backward_reduce(dy, x, mean)
-        check(f"{label} backward_reduce", sums, reference.backward_reduce(dy, x, mean), tol, failures,
-              scale=count**0.5)
+        check(f"{label} backward_reduce", sums, reference.backward_reduce(dy, x, mean), tol, failures, scale=count**0.5)
         means = [s / count for s in reference.backward_reduce(dy, x, mean)]
-        check(f"{label} backward_elemt", ops.backward_elemt(dy, x, mean, invstd, weight, *means),
-              reference.backward_elemt(dy, x, mean, invstd, weight, *means), tol, failures)
+        check(
+            f"{label} backward_elemt",
+            ops.backward_elemt(dy, x, mean, invstd, weight, *means),
+            reference.backward_elemt(dy, x, mean, invstd, weight, *means),
+            tol,
+            failures,
+        )
         print(f"{'ok  ' if not any(f.startswith(label) for f in failures) else 'FAIL'} {label}", flush=True)
     return failures
 
@@ -100,7 +114,8 @@ def main() -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     compiled = _backend.extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ckbn::batch_stats", args.device.upper())
+        "ckbn::batch_stats", args.device.upper()
+    )
     if not compiled:
         if os.environ.get("CKBN_REQUIRE_EXTENSION", "0") not in ("", "0"):
             print(f"ERROR: CKBN_REQUIRE_EXTENSION=1 but ckbn._C has no {args.device} kernels", file=sys.stderr)

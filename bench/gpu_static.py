@@ -40,8 +40,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATOR = os.path.join(ROOT, "tests", "cuda_emulation", "traffic.py")
 
 # sm_90 limits (CUDA C Programming Guide, "Compute Capabilities", and the CUDA Occupancy Calculator).
-SM90 = dict(regs_per_sm=65536, reg_unit=256, sub_partitions=4, max_warps=64, max_blocks=32,
-            shared_per_sm=228 * 1024, shared_per_block=227 * 1024, shared_unit=128, shared_reserved=1024)
+SM90 = dict(
+    regs_per_sm=65536,
+    reg_unit=256,
+    sub_partitions=4,
+    max_warps=64,
+    max_blocks=32,
+    shared_per_sm=228 * 1024,
+    shared_per_block=227 * 1024,
+    shared_unit=128,
+    shared_reserved=1024,
+)
 H100 = dict(name="H100/H200", sms=132, l2_bytes=50 * 2**20)
 # Waves a launch must make (unless it grid-strides), and how full its last one must be.
 MIN_WAVES, MIN_LAST_FILL = 1.5, 0.8
@@ -75,15 +84,20 @@ def occupancy(regs: int, shared_bytes: int, threads: int, limits: dict = SM90) -
     if shared_bytes > limits["shared_per_block"]:
         by_shared = 0
     elif shared_bytes > 0:
-        by_shared = limits["shared_per_sm"] // (ceil_to(shared_bytes, limits["shared_unit"]) + limits["shared_reserved"])
+        by_shared = limits["shared_per_sm"] // (
+            ceil_to(shared_bytes, limits["shared_unit"]) + limits["shared_reserved"]
+        )
     blocks = min(by_warps, by_regs, by_shared, limits["max_blocks"])
-    limiter = min((("warps", by_warps), ("registers", by_regs), ("shared", by_shared),
-                   ("blocks", limits["max_blocks"])), key=lambda kv: kv[1])[0]
+    limiter = min(
+        (("warps", by_warps), ("registers", by_regs), ("shared", by_shared), ("blocks", limits["max_blocks"])),
+        key=lambda kv: kv[1],
+    )[0]
     return {"blocks_per_sm": blocks, "occupancy": blocks * warps / limits["max_warps"], "limiter": limiter}
 
 
 # ---------------------------------------------------------------------------------------------
 # Tools and the library.
+
 
 def tool(name: str) -> Optional[str]:
     found = shutil.which(name)
@@ -129,6 +143,7 @@ def has_sm90_code(library: str, cuobjdump: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # 1 and 2: resource usage and SASS.
+
 
 @dataclass
 class Kernel:
@@ -185,7 +200,7 @@ def describe(name: str) -> dict:
     """base name, op, data dtype and vector width from a demangled kernel name."""
     head = head_of(name)
     base = re.sub(r"<.*", "", head).split("::")[-1]
-    args = head[len(head.split("<", 1)[0]) + 1:-1] if "<" in head else ""
+    args = head[len(head.split("<", 1)[0]) + 1 : -1] if "<" in head else ""
     op = re.sub(r"<.*", "", args).split("::")[-1].strip()
     dtype = next((m.group(0) for m in re.finditer(r"c10::Half|c10::BFloat16|double|float", args)), "")
     vec = re.search(r",\s*(\d+)>?$", args)
@@ -321,13 +336,19 @@ def families_without_wide_loads(kernels: List[Kernel]) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # 3 and 4: the emulator.
 
+
 def emulate(mode: str, extra_args: List[str], env_extra: Dict[str, str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
         env = dict(os.environ, CKBN_BACKEND="reference", **env_extra)
         env.pop("CKBN_REQUIRE_EXTENSION", None)
-        result = subprocess.run([sys.executable, EMULATOR, mode, "--json", out, *extra_args], cwd=ROOT, env=env,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, EMULATOR, mode, "--json", out, *extra_args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"emulator ({mode}) failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
         with open(out) as f:
@@ -337,7 +358,7 @@ def emulate(mode: str, extra_args: List[str], env_extra: Dict[str, str]) -> dict
 def design(op: str, launches: List[dict]) -> Optional[tuple]:
     """(reads, writes) of full-size tensors the design allows an operator, in tensor sizes, and
     the reads a single launch may repeat (a fused backward rereads x and dy from L2)."""
-    touching = [l for l in launches if l["large"]["read_distinct"] or l["large"]["write_distinct"]]
+    touching = [launch for launch in launches if launch["large"]["read_distinct"] or launch["large"]["write_distinct"]]
     fused = len(touching) == 1
     return {
         "batch_stats": (1, 0),
@@ -354,10 +375,10 @@ def design(op: str, launches: List[dict]) -> Optional[tuple]:
 
 def name_launches(sections: List[List[dict]]) -> None:
     """Replaces each launch's mangled host kernel name by its unified demangled name."""
-    launches = [l for rows in sections for row in rows for l in row["launches"]]
-    names = demangle(sorted({l["kernel"] for l in launches}))
-    for l in launches:
-        l["kernel"] = unify(names[l["kernel"]])
+    launches = [launch for rows in sections for row in rows for launch in row["launches"]]
+    names = demangle(sorted({launch["kernel"] for launch in launches}))
+    for launch in launches:
+        launch["kernel"] = unify(names[launch["kernel"]])
 
 
 def judge_traffic(cases: List[dict]) -> List[dict]:
@@ -365,10 +386,17 @@ def judge_traffic(cases: List[dict]) -> List[dict]:
     for c in cases:
         t = c["tensor_bytes"]
         launches = c["launches"]
-        total = {k: sum(l["large"][k] for l in launches) for k in ("read", "write", "read_distinct", "write_distinct")}
-        small = sum(l["small"]["read_distinct"] + l["small"]["write_distinct"] for l in launches)
+        total = {
+            k: sum(launch["large"][k] for launch in launches)
+            for k in ("read", "write", "read_distinct", "write_distinct")
+        }
+        small = sum(launch["small"]["read_distinct"] + launch["small"]["write_distinct"] for launch in launches)
         # A split reduction's partial states: written by its blocks, read back by finalize_kernel.
-        staging = sum(l["small"]["read_distinct"] for l in launches if describe(l["kernel"])["base"].startswith("finalize"))
+        staging = sum(
+            launch["small"]["read_distinct"]
+            for launch in launches
+            if describe(launch["kernel"])["base"].startswith("finalize")
+        )
         small = max(0, small - 2 * staging)
         allowed = design(c["op"], launches)
         problems = []
@@ -376,19 +404,43 @@ def judge_traffic(cases: List[dict]) -> List[dict]:
             problems.append("no design entry")
         else:
             if total["read_distinct"] > allowed[0] * t or total["write_distinct"] > allowed[1] * t:
-                problems.append(f"moves {total['read_distinct'] / t:.2f} reads + {total['write_distinct'] / t:.2f} "
-                                f"writes, design {allowed[0]} + {allowed[1]}")
-            for l in launches:
-                reuse = 2 if l["large"]["write_distinct"] and describe(l["kernel"])["op"] == "GradReduction" else 1  # fused
-                if l["large"]["read"] > reuse * l["large"]["read_distinct"] or l["large"]["write"] > l["large"]["write_distinct"]:
-                    problems.append(f"{short(l['kernel'])} accesses elements more than once per pass")
-            if sum(allowed) and small > SMALL_TOLERANCE * t:  # operators on per-channel vectors only: nothing to compare
+                problems.append(
+                    f"moves {total['read_distinct'] / t:.2f} reads + {total['write_distinct'] / t:.2f} "
+                    f"writes, design {allowed[0]} + {allowed[1]}"
+                )
+            for launch in launches:
+                reuse = (
+                    2
+                    if launch["large"]["write_distinct"] and describe(launch["kernel"])["op"] == "GradReduction"
+                    else 1
+                )  # fused
+                if (
+                    launch["large"]["read"] > reuse * launch["large"]["read_distinct"]
+                    or launch["large"]["write"] > launch["large"]["write_distinct"]
+                ):
+                    problems.append(f"{short(launch['kernel'])} accesses elements more than once per pass")
+            if (
+                sum(allowed) and small > SMALL_TOLERANCE * t
+            ):  # operators on per-channel vectors only: nothing to compare
                 problems.append(f"per-channel traffic {small} B exceeds {SMALL_TOLERANCE:.0%} of the tensor")
-        rows.append({"case": c["case"], "shape": c["shape"], "layout": c["layout"], "dtype": c["dtype"], "op": c["op"],
-                     "launches": len(launches), "kernels": [short(l["kernel"]) for l in launches],
-                     "reads": total["read_distinct"] / t, "writes": total["write_distinct"] / t,
-                     "accessed_reads": total["read"] / t, "per_channel_bytes": small, "staging_bytes": staging,
-                     "design": list(allowed) if allowed else None, "problems": problems})
+        rows.append(
+            {
+                "case": c["case"],
+                "shape": c["shape"],
+                "layout": c["layout"],
+                "dtype": c["dtype"],
+                "op": c["op"],
+                "launches": len(launches),
+                "kernels": [short(launch["kernel"]) for launch in launches],
+                "reads": total["read_distinct"] / t,
+                "writes": total["write_distinct"] / t,
+                "accessed_reads": total["read"] / t,
+                "per_channel_bytes": small,
+                "staging_bytes": staging,
+                "design": list(allowed) if allowed else None,
+                "problems": problems,
+            }
+        )
     return rows
 
 
@@ -399,14 +451,20 @@ def short(name: str) -> str:
 
 
 def resnet50_shapes(batch: int) -> List[tuple]:
-    return [(batch, c, hw, hw) for c, hw in ((64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14),
-                                             (1024, 14), (512, 7), (2048, 7))]
+    return [
+        (batch, c, hw, hw)
+        for c, hw in ((64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7))
+    ]
 
 
 def plan_spec() -> List[dict]:
-    return [{"shape": list(s), "layout": layout, "dtype": dtype}
-            for batch in (32, 256) for s in resnet50_shapes(batch)
-            for dtype in ("float32", "float16", "bfloat16") for layout in ("planes", "last")]
+    return [
+        {"shape": list(s), "layout": layout, "dtype": dtype}
+        for batch in (32, 256)
+        for s in resnet50_shapes(batch)
+        for dtype in ("float32", "float16", "bfloat16")
+        for layout in ("planes", "last")
+    ]
 
 
 def wave_fill(blocks: int, capacity: int) -> tuple:
@@ -419,38 +477,56 @@ def wave_fill(blocks: int, capacity: int) -> tuple:
 def judge_plans(plans: List[dict], kernels: Dict[str, Kernel]) -> List[dict]:
     rows = []
     for p in plans:
-        for l in p["launches"]:
-            k = kernels.get(l["kernel"])
-            threads = l["block"][0] * l["block"][1] * l["block"][2]
-            blocks = l["grid"][0] * l["grid"][1] * l["grid"][2]
-            per_sm = occupancy(k.regs, k.shared + l["shared_bytes"], threads)["blocks_per_sm"] if k else 0
+        for launch in p["launches"]:
+            k = kernels.get(launch["kernel"])
+            threads = launch["block"][0] * launch["block"][1] * launch["block"][2]
+            blocks = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+            per_sm = occupancy(k.regs, k.shared + launch["shared_bytes"], threads)["blocks_per_sm"] if k else 0
             waves, last = wave_fill(blocks, H100["sms"] * per_sm)
             designed = wave_fill(blocks, H100["sms"] * min(per_sm, DESIGN_BLOCKS_PER_SM))
-            streams = short(l["kernel"]).startswith(("reduce_", "elementwise_"))
+            streams = short(launch["kernel"]).startswith(("reduce_", "elementwise_"))
             # The emulator's grid_stride: 1, blocks take several units; 0, the kernel loops over units but
             # each block has one; -1, its arguments have no units (not a grid-stride kernel).
-            grid_stride = l.get("grid_stride", -1) >= 0
+            grid_stride = launch.get("grid_stride", -1) >= 0
             problems = []
             if k is None:
                 problems.append("kernel not found in the sm_90 code")
-            elif streams and not any((w >= MIN_WAVES or grid_stride) and f >= MIN_LAST_FILL
-                                     for w, f in ((waves, last), designed)):
+            elif streams and not any(
+                (w >= MIN_WAVES or grid_stride) and f >= MIN_LAST_FILL for w, f in ((waves, last), designed)
+            ):
                 # Judged at the kernel's occupancy, or at the designed one: a kernel lighter than its
                 # register budget gets more block slots than a whole-channel plan can always fill.
                 problems.append(f"{waves:.2f} waves, last {last:.0%} full")
-            rows.append({"shape": p["shape"], "layout": p["layout"], "dtype": p["dtype"], "op": p["op"],
-                         "kernel": short(l["kernel"]), "grid": l["grid"], "block": l["block"], "blocks": blocks,
-                         "blocks_per_sm": per_sm, "waves": waves, "last_wave_fill": last, "grid_stride": grid_stride,
-                         "units_per_block_above_1": l.get("grid_stride", -1) == 1,
-                         "checked": streams, "problems": problems})
+            rows.append(
+                {
+                    "shape": p["shape"],
+                    "layout": p["layout"],
+                    "dtype": p["dtype"],
+                    "op": p["op"],
+                    "kernel": short(launch["kernel"]),
+                    "grid": launch["grid"],
+                    "block": launch["block"],
+                    "blocks": blocks,
+                    "blocks_per_sm": per_sm,
+                    "waves": waves,
+                    "last_wave_fill": last,
+                    "grid_stride": grid_stride,
+                    "units_per_block_above_1": launch.get("grid_stride", -1) == 1,
+                    "checked": streams,
+                    "problems": problems,
+                }
+            )
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Report.
 
+
 def table(head: List[str], rows: List[list]) -> List[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(map(str, r)) + " |" for r in rows
+    ]
 
 
 def widths(d: Dict[str, int]) -> str:
@@ -459,67 +535,164 @@ def widths(d: Dict[str, int]) -> str:
 
 def markdown(report: dict) -> str:
     s = report["summary"]
-    lines = [f"# ckbn GPU static model, sm_90 ({report['date']})", "",
-             "**A static model computed without a GPU, not a GPU measurement.** Resource usage and SASS come from "
-             "the sm_90 code in the built ckbn._C (cuobjdump); traffic and launch plans come from the host emulator "
-             "of tests/cuda_emulation, which runs the real host code and kernels on the CPU; occupancy and waves are "
-             f"computed for an {H100['name']} ({H100['sms']} SMs, {H100['l2_bytes'] >> 20} MB L2).", "",
-             "## Summary", ""]
-    lines += table(["check", "items", "failing", "known, not yet fixed", "verdict"],
-                   [[name, v["items"], v["failing"], v.get("known", 0), "PASS" if v["failing"] == 0 else "FAIL"]
-                    for name, v in s.items()])
+    lines = [
+        f"# ckbn GPU static model, sm_90 ({report['date']})",
+        "",
+        "**A static model computed without a GPU, not a GPU measurement.** Resource usage and SASS come from "
+        "the sm_90 code in the built ckbn._C (cuobjdump); traffic and launch plans come from the host emulator "
+        "of tests/cuda_emulation, which runs the real host code and kernels on the CPU; occupancy and waves are "
+        f"computed for an {H100['name']} ({H100['sms']} SMs, {H100['l2_bytes'] >> 20} MB L2).",
+        "",
+        "## Summary",
+        "",
+    ]
+    lines += table(
+        ["check", "items", "failing", "known, not yet fixed", "verdict"],
+        [
+            [name, v["items"], v["failing"], v.get("known", 0), "PASS" if v["failing"] == 0 else "FAIL"]
+            for name, v in s.items()
+        ],
+    )
     lines += ["", f"library: `{report['library']}`", ""]
-    problems = [p for section in ("kernels", "traffic", "plans") for r in report.get(section, []) for p in
-                (f"{section}: {head_of(r.get('name') or r.get('op'))} {r.get('shape', '')} {r.get('layout', '')} "
-                 f"{'' if 'name' in r else r.get('dtype', '')}: {q}"
-                 for q in r["problems"])]
+    problems = [
+        p
+        for section in ("kernels", "traffic", "plans")
+        for r in report.get(section, [])
+        for p in (
+            f"{section}: {head_of(r.get('name') or r.get('op'))} {r.get('shape', '')} {r.get('layout', '')} "
+            f"{'' if 'name' in r else r.get('dtype', '')}: {q}"
+            for q in r["problems"]
+        )
+    ]
     problems += [f"kernels: no 128-bit hot-loop path: {f}" for f in report.get("families_without_wide_loads", [])]
     if problems:
         lines += ["### Failing items", ""] + [f"- {p}" for p in problems[:60]] + [""]
     if report.get("known_findings"):
         lines += ["### Known findings, not yet fixed (not counted as failing; see KNOWN_* in bench/gpu_static.py)", ""]
         lines += [f"- {p}" for p in report["known_findings"]] + [""]
-    lines += ["## Kernels (sm_90)", "",
-              "Occupancy: blocks per SM = min(64 warps / warps per block, 32, register limit, shared limit); "
-              "registers per warp = ceil(regs x 32 / 256) x 256, each of the 4 sub-partitions holds "
-              "floor(16384 / that) warps; shared per block = ceil(bytes / 128) x 128 + 1 KB reserved, "
-              "of 228 KB per SM. Block size 512 threads unless a launch says otherwise. Loads/stores: global "
-              "instructions by width in bits (all, and in innermost loops).", ""]
-    lines += table(["kernel", "regs", "stack", "LDL/STL", "shared", "blocks/SM", "occupancy", "loads", "hot-loop loads",
-                    "stores", "ok"],
-                   [[head_of(k["name"]), k["regs"], k["stack"], k["spill_instructions"], k["shared"],
-                     k["blocks_per_sm"], f"{k['occupancy']:.0%}", widths(k["loads"]), widths(k["loop_loads"]),
-                     widths(k["stores"]), "yes" if not k["problems"] else "NO"] for k in report["kernels"]])
+    lines += [
+        "## Kernels (sm_90)",
+        "",
+        "Occupancy: blocks per SM = min(64 warps / warps per block, 32, register limit, shared limit); "
+        "registers per warp = ceil(regs x 32 / 256) x 256, each of the 4 sub-partitions holds "
+        "floor(16384 / that) warps; shared per block = ceil(bytes / 128) x 128 + 1 KB reserved, "
+        "of 228 KB per SM. Block size 512 threads unless a launch says otherwise. Loads/stores: global "
+        "instructions by width in bits (all, and in innermost loops).",
+        "",
+    ]
+    lines += table(
+        [
+            "kernel",
+            "regs",
+            "stack",
+            "LDL/STL",
+            "shared",
+            "blocks/SM",
+            "occupancy",
+            "loads",
+            "hot-loop loads",
+            "stores",
+            "ok",
+        ],
+        [
+            [
+                head_of(k["name"]),
+                k["regs"],
+                k["stack"],
+                k["spill_instructions"],
+                k["shared"],
+                k["blocks_per_sm"],
+                f"{k['occupancy']:.0%}",
+                widths(k["loads"]),
+                widths(k["loop_loads"]),
+                widths(k["stores"]),
+                "yes" if not k["problems"] else "NO",
+            ]
+            for k in report["kernels"]
+        ],
+    )
     if report.get("traffic"):
-        lines += ["", "## Global-memory traffic per operator (emulator)", "",
-                  "Bytes of full-size tensors each operator's kernels read and write, in tensor sizes: distinct bytes "
-                  "per launch (what DRAM moves when caches hold what a launch reuses), against the design. Per-channel "
-                  f"vectors are counted apart and allowed {SMALL_TOLERANCE:.0%} of a tensor; the partial states of a "
-                  "split reduction (written once, read once by finalize) are listed apart.", ""]
-        lines += table(["case", "dtype", "op", "kernels", "reads", "writes", "design r+w", "per-channel B", "staging B", "ok"],
-                       [[r["case"], r["dtype"], r["op"], " + ".join(r["kernels"]), f"{r['reads']:.2f}",
-                         f"{r['writes']:.2f}", "+".join(map(str, r["design"] or [])), r["per_channel_bytes"],
-                         r["staging_bytes"], "yes" if not r["problems"] else "NO"] for r in report["traffic"]])
+        lines += [
+            "",
+            "## Global-memory traffic per operator (emulator)",
+            "",
+            "Bytes of full-size tensors each operator's kernels read and write, in tensor sizes: distinct bytes "
+            "per launch (what DRAM moves when caches hold what a launch reuses), against the design. Per-channel "
+            f"vectors are counted apart and allowed {SMALL_TOLERANCE:.0%} of a tensor; the partial states of a "
+            "split reduction (written once, read once by finalize) are listed apart.",
+            "",
+        ]
+        lines += table(
+            ["case", "dtype", "op", "kernels", "reads", "writes", "design r+w", "per-channel B", "staging B", "ok"],
+            [
+                [
+                    r["case"],
+                    r["dtype"],
+                    r["op"],
+                    " + ".join(r["kernels"]),
+                    f"{r['reads']:.2f}",
+                    f"{r['writes']:.2f}",
+                    "+".join(map(str, r["design"] or [])),
+                    r["per_channel_bytes"],
+                    r["staging_bytes"],
+                    "yes" if not r["problems"] else "NO",
+                ]
+                for r in report["traffic"]
+            ],
+        )
     if report.get("plans"):
-        lines += ["", f"## Launch plans, ResNet-50 BatchNorm shapes on {H100['name']} ({H100['sms']} SMs)", "",
-                  f"Streaming kernels must make at least {MIN_WAVES} waves, or loop over their work units (grid-stride), "
-                  f"with a last wave at least {MIN_LAST_FILL:.0%} full; per-channel kernels (finalize) are listed, not "
-                  "judged. grid-stride: yes, blocks take several units; 1 unit, the kernel loops over units and the "
-                  "plan gives each block one.", ""]
-        lines += table(["shape", "layout", "dtype", "op", "kernel", "grid", "block", "blocks/SM", "waves", "last wave",
-                        "grid-stride", "ok"],
-                       [["x".join(map(str, r["shape"])), r["layout"], r["dtype"], r["op"], r["kernel"],
-                         "x".join(map(str, r["grid"])), "x".join(map(str, r["block"])), r["blocks_per_sm"],
-                         f"{r['waves']:.2f}", f"{r['last_wave_fill']:.0%}",
-                         ("yes" if r["units_per_block_above_1"] else "1 unit") if r["grid_stride"] else "no",
-                         ("yes" if not r["problems"] else "NO") if r["checked"] else "-"] for r in report["plans"]])
+        lines += [
+            "",
+            f"## Launch plans, ResNet-50 BatchNorm shapes on {H100['name']} ({H100['sms']} SMs)",
+            "",
+            f"Streaming kernels must make at least {MIN_WAVES} waves, or loop over their work units (grid-stride), "
+            f"with a last wave at least {MIN_LAST_FILL:.0%} full; per-channel kernels (finalize) are listed, not "
+            "judged. grid-stride: yes, blocks take several units; 1 unit, the kernel loops over units and the "
+            "plan gives each block one.",
+            "",
+        ]
+        lines += table(
+            [
+                "shape",
+                "layout",
+                "dtype",
+                "op",
+                "kernel",
+                "grid",
+                "block",
+                "blocks/SM",
+                "waves",
+                "last wave",
+                "grid-stride",
+                "ok",
+            ],
+            [
+                [
+                    "x".join(map(str, r["shape"])),
+                    r["layout"],
+                    r["dtype"],
+                    r["op"],
+                    r["kernel"],
+                    "x".join(map(str, r["grid"])),
+                    "x".join(map(str, r["block"])),
+                    r["blocks_per_sm"],
+                    f"{r['waves']:.2f}",
+                    f"{r['last_wave_fill']:.0%}",
+                    ("yes" if r["units_per_block_above_1"] else "1 unit") if r["grid_stride"] else "no",
+                    ("yes" if not r["problems"] else "NO") if r["checked"] else "-",
+                ]
+                for r in report["plans"]
+            ],
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if any check fails")
     parser.add_argument("--library", help="path of ckbn._C (default: the in-place build, else the installed one)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="directory of the report")
@@ -531,19 +704,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         name_launches([traffic])
         rows = judge_traffic(traffic)
         for r in rows:
-            print(f"{'ok  ' if not r['problems'] else 'FAIL'} {r['case']} {r['dtype']} {r['op']}: reads {r['reads']:.2f}, "
-                  f"writes {r['writes']:.2f}, design {r['design']}" + "".join(f"; {p}" for p in r["problems"]))
+            print(
+                f"{'ok  ' if not r['problems'] else 'FAIL'} {r['case']} {r['dtype']} {r['op']}: "
+                f"reads {r['reads']:.2f}, "
+                f"writes {r['writes']:.2f}, design {r['design']}" + "".join(f"; {p}" for p in r["problems"])
+            )
         return 1 if args.check and any(r["problems"] for r in rows) else 0
 
     cuobjdump, nvdisasm = tool("cuobjdump"), tool("nvdisasm")
     library = find_library(args.library)
     if not cuobjdump or not nvdisasm:
-        print("gpu_static: needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)",
-              file=sys.stderr)
+        print(
+            "gpu_static: needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)",
+            file=sys.stderr,
+        )
         return 2
     if not library or not has_sm90_code(library, cuobjdump):
-        print(f"gpu_static: no sm_90 code in {library or 'ckbn._C (not found)'}: build with CKBN_CUDA=1 "
-              "TORCH_CUDA_ARCH_LIST=9.0", file=sys.stderr)
+        print(
+            f"gpu_static: no sm_90 code in {library or 'ckbn._C (not found)'}: build with CKBN_CUDA=1 "
+            "TORCH_CUDA_ARCH_LIST=9.0",
+            file=sys.stderr,
+        )
         return 3
 
     kernels = kernels_of(library, cuobjdump, os.path.dirname(nvdisasm))
@@ -552,12 +733,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     narrow = families_without_wide_loads(kernels)
     narrow_families = [f for f in narrow if f not in KNOWN_NARROW_FAMILIES]
     known = [f"{head_of(k.name)}: {finding}" for k in kernels for finding in k.known]
-    known += [f"no 128-bit hot-loop path: {f} (known: {KNOWN_NARROW_FAMILIES[f]})" for f in narrow
-              if f in KNOWN_NARROW_FAMILIES]
-    report = {"date": datetime.date.today().isoformat(), "library": os.path.relpath(library, ROOT),
-              "model": "static (cuobjdump + emulator), not a GPU measurement", "limits": SM90, "device": H100,
-              "kernels": [dict(asdict(k)) for k in kernels], "families_without_wide_loads": narrow_families,
-              "known_findings": known}
+    known += [
+        f"no 128-bit hot-loop path: {f} (known: {KNOWN_NARROW_FAMILIES[f]})"
+        for f in narrow
+        if f in KNOWN_NARROW_FAMILIES
+    ]
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "library": os.path.relpath(library, ROOT),
+        "model": "static (cuobjdump + emulator), not a GPU measurement",
+        "limits": SM90,
+        "device": H100,
+        "kernels": [dict(asdict(k)) for k in kernels],
+        "families_without_wide_loads": narrow_families,
+        "known_findings": known,
+    }
 
     if not args.no_emulator:
         traffic = emulate("traffic", [], {})["cases"]  # builds the emulator library on first use
@@ -569,8 +759,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             host_names = demangle(sorted(emulator_kernel_symbols()))
             with open(occ, "w") as f:
                 json.dump({m: by_name[unify(d)].blocks_per_sm for m, d in host_names.items() if unify(d) in by_name}, f)
-            plans = emulate("plans", ["--shapes", spec, "--occupancy", occ],
-                            {"CKBN_EMULATED_SMS": str(H100["sms"]), "CKBN_EMULATED_L2_BYTES": str(H100["l2_bytes"])})
+            plans = emulate(
+                "plans",
+                ["--shapes", spec, "--occupancy", occ],
+                {"CKBN_EMULATED_SMS": str(H100["sms"]), "CKBN_EMULATED_L2_BYTES": str(H100["l2_bytes"])},
+            )
         name_launches([traffic, plans["plans"]])
         report["traffic"] = judge_traffic(traffic)
         report["plans"] = judge_plans(plans["plans"], by_name)
@@ -582,14 +775,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = {
         "kernels without spills or local memory": {
             **count(ks, lambda k: any(p.startswith("local") for p in k["problems"])),
-            "known": sum(1 for k in ks if k["known"])},
-        "hot loops at their designed load width": count(ks, lambda k: any("hot-loop" in p or "no global loads" in p
-                                                                          for p in k["problems"])),
-        "kernel families with a 128-bit hot loop": {"items": len({(k["base"], k["op"], k["dtype"]) for k in ks
-                                                                  if k["base"].startswith(("reduce_", "elementwise_"))
-                                                                  and SCALARS.get(k["dtype"]) in (16, 32)}),
-                                                    "failing": len(narrow_families),
-                                                    "known": len(narrow) - len(narrow_families)},
+            "known": sum(1 for k in ks if k["known"]),
+        },
+        "hot loops at their designed load width": count(
+            ks, lambda k: any("hot-loop" in p or "no global loads" in p for p in k["problems"])
+        ),
+        "kernel families with a 128-bit hot loop": {
+            "items": len(
+                {
+                    (k["base"], k["op"], k["dtype"])
+                    for k in ks
+                    if k["base"].startswith(("reduce_", "elementwise_")) and SCALARS.get(k["dtype"]) in (16, 32)
+                }
+            ),
+            "failing": len(narrow_families),
+            "known": len(narrow) - len(narrow_families),
+        },
     }
     if "traffic" in report:
         summary["operators within their designed traffic"] = count(report["traffic"], lambda r: r["problems"])

@@ -266,14 +266,20 @@ def markdown(report: dict) -> str:
         f"time: {report['time']}; memory: {report['memory']}. Ratios are to `{BASELINE}` "
         f"(torch.utils.checkpoint + torch BatchNorm) and to `{UNCHECKED}`.",
         "",
-        "| model | variant | batch | time (ms) | time / torch | time / unchecked | saved for backward (MiB) | saved / torch |"
-        + (" held after forward (MiB) | held / unchecked | backward peak (MiB) | peak / unchecked |" if resident else ""),
+        "| model | variant | batch | time (ms) | time / torch | time / unchecked "
+        "| saved for backward (MiB) | saved / torch |"
+        + (
+            " held after forward (MiB) | held / unchecked | backward peak (MiB) | peak / unchecked |"
+            if resident
+            else ""
+        ),
         "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if resident else ""),
     ]
     for r in report["rows"]:
         line = (
             f"| {r['model']} | {r['variant']} | {r['batch_size']} of {r['image_size']}² | {r['time_ms']:.1f} | "
-            f"{r['time_ratio']:.2f} | {r['time_vs_unchecked']:.2f} | {r['memory_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |"
+            f"{r['time_ratio']:.2f} | {r['time_vs_unchecked']:.2f} | "
+            f"{r['memory_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |"
         )
         if resident:
             line += (
@@ -301,7 +307,9 @@ def plot(report: dict, path: Path) -> None:
     for ax, model in zip(axes[0], models):
         for r in (r for r in rows if r["model"] == model):
             ax.scatter(r[memory] / 2**20, r["time_ms"], label=r["variant"])
-            ax.annotate(r["variant"], (r[memory] / 2**20, r["time_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r["variant"], (r[memory] / 2**20, r["time_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         ax.set_xlabel("held after forward (MiB)" if memory == "held_bytes" else "peak memory (MiB)")
         ax.set_ylabel("step time (ms)")
         ax.set_title(model)
@@ -351,9 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         resident = resident_in_child(args) if device.type == "cpu" else {}
         rows = [
-            row
-            for name in names
-            for row in benchmark(name, *sizes[name], args.repeats, device, resident.get(name, {}))
+            row for name in names for row in benchmark(name, *sizes[name], args.repeats, device, resident.get(name, {}))
         ]
     finally:
         torch.set_num_threads(threads)

@@ -48,7 +48,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
 import torch.utils.checkpoint  # noqa: E402
 
 import ckbn  # noqa: E402
@@ -57,8 +56,18 @@ from ckbn import _backend, reference  # noqa: E402
 EPS = 1e-5
 MOMENTUM = 0.1
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-CASES = ("train-fwd", "eval-fwd", "replay-fwd", "bwd", "fwd+bwd", "ckpt-step",
-         "relu-fwd+bwd", "silu-fwd+bwd", "relu-ckpt-step", "silu-ckpt-step")
+CASES = (
+    "train-fwd",
+    "eval-fwd",
+    "replay-fwd",
+    "bwd",
+    "fwd+bwd",
+    "ckpt-step",
+    "relu-fwd+bwd",
+    "silu-fwd+bwd",
+    "relu-ckpt-step",
+    "silu-ckpt-step",
+)
 FUSED_ACTIVATIONS = {"relu": torch.nn.ReLU, "silu": torch.nn.SiLU}
 # ckbn's passes over a tensor of the input's size, for the bandwidth column (none for the module
 # step); the backward's depend on the shape (backward_passes).
@@ -67,13 +76,16 @@ BACKWARD_PASSES = {"fused": 3, "unfused": 5}
 
 
 def _resnet50(batch: int) -> List[tuple]:
-    return [(batch, c, hw, hw) for c, hw in ((64, 112), (64, 56), (256, 56), (128, 28), (512, 28),
-                                             (256, 14), (1024, 14), (512, 7), (2048, 7))]
+    return [
+        (batch, c, hw, hw)
+        for c, hw in ((64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7))
+    ]
 
 
 SHAPES = {
     "cpu": [(32, 64, 56, 56)],
-    "cuda": _resnet50(256) + [(64, 64, 112, 112), (64, 256, 56, 56), (64, 1024, 14, 14), (64, 2048, 7, 7)]
+    "cuda": _resnet50(256)
+    + [(64, 64, 112, 112), (64, 256, 56, 56), (64, 1024, 14, 14), (64, 2048, 7, 7)]
     + [(4096, 1024)],
 }
 QUICK_SHAPES = {
@@ -112,12 +124,23 @@ def targets_for(device: str, row: Row, threads: int) -> Dict[str, Callable[[Row]
         if row.tensor_mib >= 64:
             found["bandwidth >= 85% of copy"] = lambda r: r.bandwidth is not None and r.bandwidth >= 0.85
     elif row.dtype == "float32" and threads == 1 and tuple(row.shape) == (32, 64, 56, 56):
-        fused = {("fwd+bwd", "NCHW"): 1.5, ("fwd+bwd", "NHWC"): 1.2, ("ckpt-step", "NCHW"): 1.8,
-                 ("ckpt-step", "NHWC"): 1.4}
-        need = {("fwd+bwd", "NCHW"): 1.5, ("fwd+bwd", "NHWC"): 1.0,
-                ("ckpt-step", "NCHW"): 1.3, ("ckpt-step", "NHWC"): 1.1,
-                **{(f"{act}-{case}", layout): target for (case, layout), target in fused.items()
-                   for act in FUSED_ACTIVATIONS}}.get((row.case, row.layout))
+        fused = {
+            ("fwd+bwd", "NCHW"): 1.5,
+            ("fwd+bwd", "NHWC"): 1.2,
+            ("ckpt-step", "NCHW"): 1.8,
+            ("ckpt-step", "NHWC"): 1.4,
+        }
+        need = {
+            ("fwd+bwd", "NCHW"): 1.5,
+            ("fwd+bwd", "NHWC"): 1.0,
+            ("ckpt-step", "NCHW"): 1.3,
+            ("ckpt-step", "NHWC"): 1.1,
+            **{
+                (f"{act}-{case}", layout): target
+                for (case, layout), target in fused.items()
+                for act in FUSED_ACTIVATIONS
+            },
+        }.get((row.case, row.layout))
         if need is not None:
             found[f"torch/ckbn >= {need:.2f}"] = lambda r, need=need: r.ratio >= need
     return found
@@ -141,8 +164,10 @@ def implementation(device: str):
     )
     if has_kernels:
         return _backend.ops, f"ckbn compiled {device} kernels"
-    why = "the compiled extension is not loaded" if not _backend.extension_loaded else (
-        f"this build of ckbn._C has no {device} kernels"
+    why = (
+        "the compiled extension is not loaded"
+        if not _backend.extension_loaded
+        else (f"this build of ckbn._C has no {device} kernels")
     )
     print(f"NOTE: {why}; measuring ckbn.reference (pure PyTorch) instead", file=sys.stderr)
     return reference, "ckbn.reference (no compiled kernels for this device)"
@@ -214,18 +239,24 @@ class Setup:
 
     def torch_train(self, x, running=None):
         running_mean, running_var = running or (self.running_mean, self.running_var)
-        return F.batch_norm(x, running_mean, running_var, self.weight_leaf, self.bias_leaf,
-                            training=True, momentum=MOMENTUM, eps=EPS)
+        return F.batch_norm(
+            x, running_mean, running_var, self.weight_leaf, self.bias_leaf, training=True, momentum=MOMENTUM, eps=EPS
+        )
 
     def torch_backward(self, i, y=None):
-        return torch.autograd.grad(self.graphs[i] if y is None else y, (self.leaves[i], self.weight_leaf, self.bias_leaf),
-                                   self.dy[i], retain_graph=y is None)
+        return torch.autograd.grad(
+            self.graphs[i] if y is None else y,
+            (self.leaves[i], self.weight_leaf, self.bias_leaf),
+            self.dy[i],
+            retain_graph=y is None,
+        )
 
     def ckbn_train(self, i):
         mean, invstd = self.ops.batch_stats(self.x[i], EPS)
         y = self.ops.normalize(self.x[i], mean, invstd, self.weight, self.bias)
-        self.ops.update_running_stats(self.running_mean, self.running_var, self.batches, mean, invstd,
-                                      MOMENTUM, EPS, self.count)
+        self.ops.update_running_stats(
+            self.running_mean, self.running_var, self.batches, mean, invstd, MOMENTUM, EPS, self.count
+        )
         return y, mean, invstd
 
     def ckbn_backward(self, i, mean=None, invstd=None):
@@ -261,7 +292,9 @@ class Setup:
 
         dims = self.x[0].dim()
         ckbn_bn = {2: ckbn.BatchNorm1d, 3: ckbn.BatchNorm1d, 4: ckbn.BatchNorm2d, 5: ckbn.BatchNorm3d}[dims]
-        torch_bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[dims]
+        torch_bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[
+            dims
+        ]
         torch_checkpoint = lambda fn, x: torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)  # noqa: E731
 
         fused_cases = {}
@@ -269,17 +302,25 @@ class Setup:
             fused = FusedBatchNorm(batch_norm(ckbn_bn), act)
             unfused = torch.nn.Sequential(batch_norm(torch_bn), torch_act(inplace=True))
             fused_cases[f"{act}-fwd+bwd"] = (module_step(fused), module_step(unfused))
-            fused_cases[f"{act}-ckpt-step"] = (module_step(fused, ckbn.checkpoint),
-                                               module_step(unfused, torch_checkpoint))
+            fused_cases[f"{act}-ckpt-step"] = (
+                module_step(fused, ckbn.checkpoint),
+                module_step(unfused, torch_checkpoint),
+            )
 
         return {
             **fused_cases,
             # torch's forwards record autograd history, as in training and in a checkpoint's recompute.
             "train-fwd": (lambda i: self.ckbn_train(i), lambda i: self.torch_train(self.x[i])),
-            "eval-fwd": (ckbn_eval, lambda i: F.batch_norm(self.x[i], self.running_mean, self.running_var,
-                                                           self.weight, self.bias, training=False, eps=EPS)),
-            "replay-fwd": (lambda i: self.ops.normalize(self.x[i], *self.stats[i], self.weight, self.bias),
-                           lambda i: self.torch_train(self.x[i])),
+            "eval-fwd": (
+                ckbn_eval,
+                lambda i: F.batch_norm(
+                    self.x[i], self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=EPS
+                ),
+            ),
+            "replay-fwd": (
+                lambda i: self.ops.normalize(self.x[i], *self.stats[i], self.weight, self.bias),
+                lambda i: self.torch_train(self.x[i]),
+            ),
             "bwd": (self.ckbn_backward, self.torch_backward),
             "fwd+bwd": (ckbn_fwd_bwd, torch_fwd_bwd),
             "ckpt-step": (checkpointed_step(ckbn_bn, ckbn.checkpoint), checkpointed_step(torch_bn, torch_checkpoint)),
@@ -342,14 +383,30 @@ def markdown(meta: dict, rows: List[Row], device: str) -> str:
     if device == "cuda":
         head.append("bandwidth")
     head += ["target", "met"]
-    lines = [f"# ckbn op benchmark ({device})", "", ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# ckbn op benchmark ({device})",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in meta.items()),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = [r.case, "x".join(map(str, r.shape)), r.layout, r.dtype, f"{r.ckbn_ms:.3f}", f"{r.torch_ms:.3f}",
-                 f"{r.ratio:.2f}x"]
+        cells = [
+            r.case,
+            "x".join(map(str, r.shape)),
+            r.layout,
+            r.dtype,
+            f"{r.ckbn_ms:.3f}",
+            f"{r.torch_ms:.3f}",
+            f"{r.ratio:.2f}x",
+        ]
         if device == "cuda":
             cells.append("" if r.bandwidth is None else f"{100 * r.bandwidth:.0f}% of {r.passes} passes")
-        cells += ["; ".join(r.targets), ("MISSED: " + "; ".join(r.missed)) if r.missed else ("yes" if r.targets else "")]
+        cells += [
+            "; ".join(r.targets),
+            ("MISSED: " + "; ".join(r.missed)) if r.missed else ("yes" if r.targets else ""),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -363,13 +420,17 @@ def plot(rows: List[Row], path: str, device: str) -> None:
     except ImportError:
         return
     cases = [c for c in CASES if any(r.case == c for r in rows)]
-    fig, axes = plt.subplots(len(cases), 1, figsize=(max(8, 0.35 * len(rows) / max(1, len(cases))), 3 * len(cases)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(cases), 1, figsize=(max(8, 0.35 * len(rows) / max(1, len(cases))), 3 * len(cases)), squeeze=False
+    )
     for ax, case in zip(axes[:, 0], cases):
         selected = [r for r in rows if r.case == case]
         labels = [f"{'x'.join(map(str, r.shape))} {r.layout} {r.dtype}" for r in selected]
-        ax.bar(range(len(selected)), [r.ratio for r in selected],
-               color=["tab:red" if r.missed else "tab:blue" for r in selected])
+        ax.bar(
+            range(len(selected)),
+            [r.ratio for r in selected],
+            color=["tab:red" if r.missed else "tab:blue" for r in selected],
+        )
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(selected)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
@@ -381,16 +442,23 @@ def plot(rows: List[Row], path: str, device: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="a short list of shapes and fewer runs")
-    parser.add_argument("--shapes", type=parse_shapes, help="comma-separated NxCxHxW or NxC, e.g. 32x64x56x56,4096x1024")
+    parser.add_argument(
+        "--shapes", type=parse_shapes, help="comma-separated NxCxHxW or NxC, e.g. 32x64x56x56,4096x1024"
+    )
     parser.add_argument("--dtypes", help="comma-separated, e.g. float32,bfloat16")
     parser.add_argument("--layouts", help="comma-separated subset of NCHW,NHWC,NC")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--runs", type=int, help="timed runs per implementation (default: CPU 20, CUDA 30; --quick halves)")
+    parser.add_argument(
+        "--runs", type=int, help="timed runs per implementation (default: CPU 20, CUDA 30; --quick halves)"
+    )
     parser.add_argument("--json", help="default bench/out/ops-<device>.json")
     parser.add_argument("--md", help="default bench/out/ops-<device>.md")
     parser.add_argument("--plot", help="PNG of ratios per shape (needs matplotlib); default bench/out/ops-<device>.png")
@@ -428,8 +496,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     rows: List[Row] = []
-    print(f"{'case':<14} {'shape':<18} {'layout':<6} {'dtype':<9} {'ckbn ms':>9} {'torch ms':>9} {'ratio':>7}"
-          + (f" {'bw':>5}" if device == "cuda" else "") + "  target")
+    print(
+        f"{'case':<14} {'shape':<18} {'layout':<6} {'dtype':<9} {'ckbn ms':>9} {'torch ms':>9} {'ratio':>7}"
+        + (f" {'bw':>5}" if device == "cuda" else "")
+        + "  target"
+    )
     for shape in shapes:
         for dtype in dtypes:
             for layout in layouts_for(shape):
@@ -449,8 +520,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for case in cases:
                     ckbn_fn, torch_fn = functions[case]
                     ckbn_ms, torch_ms = timer.pair(ckbn_fn, torch_fn)
-                    row = Row(case, list(shape), layout, str(dtype).replace("torch.", ""), ckbn_ms, torch_ms,
-                              torch_ms / ckbn_ms, nbytes / 2**20)
+                    row = Row(
+                        case,
+                        list(shape),
+                        layout,
+                        str(dtype).replace("torch.", ""),
+                        ckbn_ms,
+                        torch_ms,
+                        torch_ms / ckbn_ms,
+                        nbytes / 2**20,
+                    )
                     if copy is not None and case in passes:
                         row.passes = passes[case]
                         row.bandwidth = copy * passes[case] / 2 / ckbn_ms
@@ -458,11 +537,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     row.targets = list(checks)
                     row.missed = [name for name, ok in checks.items() if not ok(row)]
                     rows.append(row)
-                    print(f"{case:<14} {'x'.join(map(str, shape)):<18} {layout:<6} {row.dtype:<9} {ckbn_ms:9.3f} "
-                          f"{torch_ms:9.3f} {row.ratio:6.2f}x"
-                          + (f" {100 * row.bandwidth:4.0f}%" if row.bandwidth is not None else "")
-                          + ("  " + "; ".join(row.targets) if row.targets else "")
-                          + ("  MISSED" if row.missed else ""), flush=True)
+                    print(
+                        f"{case:<14} {'x'.join(map(str, shape)):<18} {layout:<6} {row.dtype:<9} {ckbn_ms:9.3f} "
+                        f"{torch_ms:9.3f} {row.ratio:6.2f}x"
+                        + (f" {100 * row.bandwidth:4.0f}%" if row.bandwidth is not None else "")
+                        + ("  " + "; ".join(row.targets) if row.targets else "")
+                        + ("  MISSED" if row.missed else ""),
+                        flush=True,
+                    )
                     with open(paths["json"], "w") as f:
                         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
                     with open(paths["md"], "w") as f:
@@ -472,8 +554,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     torch.cuda.empty_cache()
     plot(rows, paths["png"], device)
     missed = [r for r in rows if r.missed]
-    print(f"\n{len(rows)} rows; {sum(bool(r.targets) for r in rows)} with targets, {len(missed)} missed. "
-          f"Written: {paths['json']}, {paths['md']}" + (f", {paths['png']}" if os.path.exists(paths["png"]) else ""))
+    print(
+        f"\n{len(rows)} rows; {sum(bool(r.targets) for r in rows)} with targets, {len(missed)} missed. "
+        f"Written: {paths['json']}, {paths['md']}" + (f", {paths['png']}" if os.path.exists(paths["png"]) else "")
+    )
     return 0
 
 

@@ -82,8 +82,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = {v.name: per_step_ms(variant_model(base, v).train(), x, y, args.steps) for v in chosen}
     groups = list(GROUPS)
     names = list(results)
-    print(f"{args.model}, batch {batch_size} of {image_size}², CPU, 1 thread, self CPU ms per step "
-          f"(torch.profiler, mean of {args.steps} steps); torch {torch.__version__}")
+    print(
+        f"{args.model}, batch {batch_size} of {image_size}², CPU, 1 thread, self CPU ms per step "
+        f"(torch.profiler, mean of {args.steps} steps); torch {torch.__version__}"
+    )
     print()
     print("| operators | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))

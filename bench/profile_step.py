@@ -13,13 +13,12 @@ import collections
 import time
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.profiler import ProfilerActivity, profile
 
 import ckbn
 from ckbn import _backend
-
-import torch.nn.functional as F
 
 
 def per_step_ms(step, steps: int) -> dict:
@@ -57,7 +56,9 @@ def cold_backward(shape, fmt, rounds: int = 3, runs: int = 15) -> None:
     for _ in range(rounds):
         ckbn_ms = best_ms(lambda: _backend.ops.backward(dy, x, mean, invstd, weight, True, [True, True, True]))
         torch_ms = best_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
-        print(f"cold backward {fmt}: ckbn {ckbn_ms:.2f} ms, torch {torch_ms:.2f} ms, torch/ckbn {torch_ms / ckbn_ms:.2f}")
+        print(
+            f"cold backward {fmt}: ckbn {ckbn_ms:.2f} ms, torch {torch_ms:.2f} ms, torch/ckbn {torch_ms / ckbn_ms:.2f}"
+        )
 
 
 def main() -> None:
@@ -82,12 +83,15 @@ def main() -> None:
 
     steps = {
         "ckbn": step_of(ckbn.BatchNorm2d, ckbn.checkpoint),
-        "torch": step_of(torch.nn.BatchNorm2d,
-                         lambda f, t: torch.utils.checkpoint.checkpoint(f, t, use_reentrant=False)),
+        "torch": step_of(
+            torch.nn.BatchNorm2d, lambda f, t: torch.utils.checkpoint.checkpoint(f, t, use_reentrant=False)
+        ),
     }
     results = {name: per_step_ms(step, args.steps) for name, step in steps.items()}
-    print(f"ckpt-step {args.shape} {args.layout}, {args.threads} thread(s): self CPU ms per step "
-          f"(torch.profiler, {args.steps} steps)\n")
+    print(
+        f"ckpt-step {args.shape} {args.layout}, {args.threads} thread(s): self CPU ms per step "
+        f"(torch.profiler, {args.steps} steps)\n"
+    )
     print("| operator | ckbn | torch |\n|---|---:|---:|")
     names = sorted(set().union(*results.values()), key=lambda n: -max(r.get(n, 0) for r in results.values()))
     for name in names:

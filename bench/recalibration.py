@@ -46,7 +46,8 @@ def main() -> None:
     model = ckbn.convert_model(torchvision.models.resnet18(num_classes=10)).eval()
     generator = torch.Generator().manual_seed(1)
     batches = [
-        torch.randn(args.batch_size, 3, args.size, args.size, generator=generator) * (0.5 + torch.rand(1, generator=generator))
+        torch.randn(args.batch_size, 3, args.size, args.size, generator=generator)
+        * (0.5 + torch.rand(1, generator=generator))
         + torch.randn(1, generator=generator)
         for _ in range(args.batches)
     ]
@@ -63,14 +64,26 @@ def main() -> None:
     probe = torch.cat(batches[:2])
     with torch.no_grad():
         reference = exact(probe)
-        print(f"ResNet-18, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, torch {torch.__version__}, "
-              f"ckbn backend {ckbn.backend()}\n")
-        print("| recalibration | running_var rel. error, median / worst layer | running_mean error, median / worst | eval output rel. error |")
+        print(
+            f"ResNet-18, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
+            f"torch {torch.__version__}, "
+            f"ckbn backend {ckbn.backend()}\n"
+        )
+        print(
+            "| recalibration | running_var rel. error, median / worst layer "
+            "| running_mean error, median / worst | eval output rel. error |"
+        )
         print("|---|---|---|---|")
         for label, candidate in (("`ckbn.recalibrate`", ours), ("`torch.optim.swa_utils.update_bn`", theirs)):
-            var, mean = relative_errors(candidate, truth, "running_var"), relative_errors(candidate, truth, "running_mean")
+            var, mean = (
+                relative_errors(candidate, truth, "running_var"),
+                relative_errors(candidate, truth, "running_mean"),
+            )
             output = ((candidate(probe) - reference).norm() / reference.norm()).item()
-            print(f"| {label} | {statistics.median(var):.1e} / {max(var):.1e} | {statistics.median(mean):.1e} / {max(mean):.1e} | {output:.1e} |")
+            print(
+                f"| {label} | {statistics.median(var):.1e} / {max(var):.1e} "
+                f"| {statistics.median(mean):.1e} / {max(mean):.1e} | {output:.1e} |"
+            )
 
 
 if __name__ == "__main__":

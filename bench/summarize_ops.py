@@ -29,7 +29,8 @@ def summarize(paths: List[str]) -> str:
         f"{meta.get('implementation', '')}, torch {meta.get('torch', '')}, threads {meta.get('threads', '')}, "
         f"first run {meta.get('date', '')}. Runs: {', '.join(paths)}.",
         "",
-        "| case | shape | layout | dtype | " + " | ".join(f"run {i + 1}" for i in range(len(runs)))
+        "| case | shape | layout | dtype | "
+        + " | ".join(f"run {i + 1}" for i in range(len(runs)))
         + " | median | range | target | met (median) |",
         "|---" * (len(runs) + 8) + "|",
     ]
@@ -40,8 +41,12 @@ def summarize(paths: List[str]) -> str:
         need = min((float(t.split(">=")[1]) for t in wanted if t.startswith("torch/ckbn >=")), default=1.0)
         target = ", ".join(wanted) or "not slower (>= 1.0)"
         lines.append(
-            "| " + " | ".join(key) + " | " + " | ".join(f"{v:.2f}" for v in values)
-            + f" | **{median:.2f}** | {min(values):.2f}-{max(values):.2f} | {target} | {'yes' if median >= need else 'NO'} |"
+            "| "
+            + " | ".join(key)
+            + " | "
+            + " | ".join(f"{v:.2f}" for v in values)
+            + f" | **{median:.2f}** | {min(values):.2f}-{max(values):.2f} | {target} "
+            + f"| {'yes' if median >= need else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
 

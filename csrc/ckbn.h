@@ -27,7 +27,7 @@ struct Geometry {
   Layout layout;
 
   int64_t per_channel() const { return batch * spatial; }  // reduction size of one channel
-  int64_t rows() const { return batch * spatial; }          // ChannelsLast: number of C-vectors
+  int64_t rows() const { return batch * spatial; }         // ChannelsLast: number of C-vectors
 };
 
 // The accumulation / statistics dtype for an input dtype: double for double, float otherwise.
@@ -38,13 +38,8 @@ void check_input(const at::Tensor& input, const char* op);
 
 // Checks a per-channel vector: 1-D, `channels` elements, on input's device, with one of the
 // dtypes allowed (`dtype`, or `alt_dtype` when it differs). `name` appears in the message.
-void check_channel_vector(
-    const at::Tensor& vec,
-    const char* name,
-    const at::Tensor& input,
-    at::ScalarType dtype,
-    at::ScalarType alt_dtype,
-    const char* op);
+void check_channel_vector(const at::Tensor& vec, const char* name, const at::Tensor& input,
+                          at::ScalarType dtype, at::ScalarType alt_dtype, const char* op);
 
 // Checks an optional affine parameter: input's dtype or the statistics dtype (AMP keeps fp32
 // parameters beside half input).
@@ -73,7 +68,8 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                          const c10::optional<at::Tensor>& weight);
 // backward's fused-activation arguments: bias as an affine parameter, then parse_activation.
 math::Activation check_backward_activation_args(const c10::optional<at::Tensor>& bias,
-                                                const at::Tensor& input, c10::string_view activation,
+                                                const at::Tensor& input,
+                                                c10::string_view activation,
                                                 double activation_param);
 void check_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
                                 const at::Tensor& mean);

@@ -107,7 +107,7 @@ CKBN_HOST_DEVICE Welford<acc_t> welford_from_moments(int64_t count, acc_t mean, 
 // mean and M2 for the error in shift, so the result does not depend on how good shift was.
 template <typename acc_t>
 CKBN_HOST_DEVICE Welford<acc_t> welford_from_shifted_sums(int64_t count, acc_t shift, acc_t sum_d,
-                                                         acc_t sum_d2) {
+                                                          acc_t sum_d2) {
   const acc_t mean_d = sum_d / static_cast<acc_t>(count);
   const acc_t m2 = sum_d2 - sum_d * mean_d;
   return welford_from_moments(count, shift + mean_d, m2 > acc_t(0) ? m2 : acc_t(0));
@@ -136,8 +136,8 @@ struct NormalizeCoeffs {
 };
 
 template <typename acc_t>
-CKBN_HOST_DEVICE NormalizeCoeffs<acc_t> normalize_coeffs(
-    acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+CKBN_HOST_DEVICE NormalizeCoeffs<acc_t> normalize_coeffs(acc_t mean, acc_t invstd, acc_t weight,
+                                                         acc_t bias) {
   return NormalizeCoeffs<acc_t>{mean, invstd * weight, bias};
 }
 
@@ -259,9 +259,9 @@ struct BackwardCoeffs {
 // mean_dy and mean_dy_xmu are sum(dy) / count and sum(dy * (x - mean)) / count over the whole
 // (possibly multi-process) batch.
 template <typename acc_t>
-CKBN_HOST_DEVICE BackwardCoeffs<acc_t> backward_coeffs(
-    acc_t mean, acc_t invstd, acc_t weight, acc_t mean_dy, acc_t mean_dy_xmu, bool train,
-    acc_t bias = acc_t(0)) {
+CKBN_HOST_DEVICE BackwardCoeffs<acc_t> backward_coeffs(acc_t mean, acc_t invstd, acc_t weight,
+                                                       acc_t mean_dy, acc_t mean_dy_xmu, bool train,
+                                                       acc_t bias = acc_t(0)) {
   BackwardCoeffs<acc_t> c;
   c.mean = mean;
   c.mean_dy = train ? mean_dy : acc_t(0);

@@ -23,8 +23,9 @@ void check_input(const at::Tensor& input, const char* op) {
       dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
       op, ": expected input of a floating dtype (float64, float32, float16 or bfloat16), but got ",
       dtype);
-  TORCH_CHECK(input.dim() >= 2, op, ": expected input with at least 2 dimensions (N, C, *), but got ",
-              input.dim(), "D input");
+  TORCH_CHECK(input.dim() >= 2, op,
+              ": expected input with at least 2 dimensions (N, C, *), but got ", input.dim(),
+              "D input");
   TORCH_CHECK(input.size(1) > 0, op, ": expected input with at least one channel, but got shape ",
               input.sizes());
 }
@@ -38,7 +39,8 @@ void check_channel_vector(const at::Tensor& vec, const char* name, const at::Ten
               input.size(1), " elements not ", vec.numel());
   TORCH_CHECK(vec.scalar_type() == dtype || vec.scalar_type() == alt_dtype, op, ": expected ", name,
               " of dtype ", dtype, (alt_dtype != dtype ? " or " : ""),
-              (alt_dtype != dtype ? c10::toString(alt_dtype) : ""), ", but got ", vec.scalar_type());
+              (alt_dtype != dtype ? c10::toString(alt_dtype) : ""), ", but got ",
+              vec.scalar_type());
 }
 
 void check_affine(const c10::optional<at::Tensor>& param, const char* name, const at::Tensor& input,
@@ -53,7 +55,8 @@ void check_same_shape(const at::Tensor& other, const char* name, const at::Tenso
                       const char* op) {
   TORCH_CHECK(other.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(other.device() == input.device(), op, ": expected ", name,
-              " to be on the same device as input (", input.device(), "), but got ", other.device());
+              " to be on the same device as input (", input.device(), "), but got ",
+              other.device());
   TORCH_CHECK(other.sizes() == input.sizes(), op, ": expected ", name, " of shape ", input.sizes(),
               ", but got ", other.sizes());
   TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": expected ", name, " of dtype ",
@@ -109,7 +112,8 @@ void check_update_running_stats_args(const at::Tensor& running_mean, const at::T
   }
   TORCH_CHECK(mean.dim() == 1 && running_mean.sizes() == mean.sizes() &&
                   running_var.sizes() == mean.sizes() && invstd.sizes() == mean.sizes(),
-              op, ": running_mean, running_var, mean and invstd should all have shape ", mean.sizes());
+              op, ": running_mean, running_var, mean and invstd should all have shape ",
+              mean.sizes());
   TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
               ": expected mean of dtype float32 or float64, but got ", mean.scalar_type());
   TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), op, ": expected invstd of dtype ",
@@ -120,8 +124,8 @@ void check_update_running_stats_args(const at::Tensor& running_mean, const at::T
         dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
         op, ": expected ", name, " of a floating dtype, but got ", dtype);
   }
-  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1, op,
-              ": expected num_batches_tracked to hold one int64 value, but got ",
+  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1,
+              op, ": expected num_batches_tracked to hold one int64 value, but got ",
               num_batches_tracked.scalar_type(), " of shape ", num_batches_tracked.sizes());
 }
 
@@ -145,7 +149,8 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
 }
 
 math::Activation check_backward_activation_args(const c10::optional<at::Tensor>& bias,
-                                                const at::Tensor& input, c10::string_view activation,
+                                                const at::Tensor& input,
+                                                c10::string_view activation,
                                                 double activation_param) {
   constexpr const char* op = "ckbn::backward";
   check_affine(bias, "bias", input, op);
@@ -169,10 +174,12 @@ void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& 
 at::MemoryFormat output_format(const at::Tensor& input) {
   // An empty tensor is contiguous whatever its strides; they alone tell a channels_last one apart.
   const bool not_plain_contiguous = input.numel() == 0 || !input.is_contiguous();
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast) && not_plain_contiguous) {
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+      not_plain_contiguous) {
     return at::MemoryFormat::ChannelsLast;
   }
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d) && not_plain_contiguous) {
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d) &&
+      not_plain_contiguous) {
     return at::MemoryFormat::ChannelsLast3d;
   }
   return at::MemoryFormat::Contiguous;
@@ -187,9 +194,10 @@ math::Activation parse_activation(c10::string_view name, double param, const cha
   for (const auto& [known, act] : kNames) {
     if (name == known) {
       if (act == math::Activation::LeakyRelu) {
-        TORCH_CHECK(std::isfinite(param), op,
-                    ": leaky_relu's negative slope (activation_param) must be a finite number, but got ",
-                    param);
+        TORCH_CHECK(
+            std::isfinite(param), op,
+            ": leaky_relu's negative slope (activation_param) must be a finite number, but got ",
+            param);
       } else {
         TORCH_CHECK(param == 0.0, op, ": activation '", known,
                     "' takes no parameter, but got activation_param=", param);
@@ -206,9 +214,7 @@ math::Activation parse_activation(c10::string_view name, double param, const cha
 namespace {
 
 // True when `t` is dense with dimension 1 innermost: (N, C, *) stored as (N, *, C).
-bool is_channels_innermost(const at::Tensor& t) {
-  return t.movedim(1, -1).is_contiguous();
-}
+bool is_channels_innermost(const at::Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
 
 }  // namespace
 
@@ -274,6 +280,7 @@ TORCH_LIBRARY(ckbn, m) {
       "Tensor sum_dy_xmu)");
   // The element-wise half: grad_input from the batch-wide means of the two sums above.
   m.def(
-      "backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? "
+      "weight, "
       "Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
 }

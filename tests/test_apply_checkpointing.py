@@ -8,10 +8,10 @@ import pickle
 
 import pytest
 import torch
+from helpers import tensors_of
 
 import ckbn
 import ckbn.block_checkpointing
-from helpers import tensors_of
 
 
 def torchvision_model(name):
@@ -36,7 +36,11 @@ MODELS = {
     "resnet50": (lambda: torchvision_model("resnet50")(), {"Bottleneck": 16}, (2, 3, 32, 32)),
     "densenet121": (lambda: torchvision_model("densenet121")(), {"_DenseLayer": 58}, (2, 3, 32, 32)),
     "mobilenet_v3_large": (lambda: torchvision_model("mobilenet_v3_large")(), {"InvertedResidual": 15}, (2, 3, 32, 32)),
-    "timm efficientnet_b0": (lambda: timm_model("efficientnet_b0")(), {"DepthwiseSeparableConv": 1, "InvertedResidual": 15}, (2, 3, 32, 32)),
+    "timm efficientnet_b0": (
+        lambda: timm_model("efficientnet_b0")(),
+        {"DepthwiseSeparableConv": 1, "InvertedResidual": 15},
+        (2, 3, 32, 32),
+    ),
     "yolov8n": (yolov8n, {"C2f": 8, "SPPF": 1}, (2, 3, 64, 64)),
 }
 

@@ -59,9 +59,7 @@ def test_gradgradcheck(device, shape, affine, train, activation):
     """Second derivatives by finite differences of the first, also batched (vmap) and forward-over-reverse."""
     _, model = make_pair(shape, affine, train, activation, device)
     inputs = make_inputs(model, shape, affine, device)
-    assert torch.autograd.gradgradcheck(
-        as_function(model), inputs, check_batched_grad=True, check_fwd_over_rev=True
-    )
+    assert torch.autograd.gradgradcheck(as_function(model), inputs, check_batched_grad=True, check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS_UNDER_TEST)

@@ -10,10 +10,10 @@ import gc
 import pytest
 import torch
 import torch.utils.checkpoint as torch_checkpoint
+from helpers import counting
 
 import ckbn
 from ckbn import checkpointing
-from helpers import counting
 
 STEPS = 3
 
@@ -93,7 +93,15 @@ def ckbn_nested(net, x):
     return ckbn.checkpoint(outer, x)
 
 
-RUNS = [reentrant, non_reentrant, torch_sequential, torch_sequential_reentrant, ckbn_whole, ckbn_sequential, ckbn_nested]
+RUNS = [
+    reentrant,
+    non_reentrant,
+    torch_sequential,
+    torch_sequential_reentrant,
+    ckbn_whole,
+    ckbn_sequential,
+    ckbn_nested,
+]
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[r.__name__ for r in RUNS])

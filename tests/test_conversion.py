@@ -50,7 +50,10 @@ def assert_same_layer(converted, original, shape=(4, 3, 5, 5), shared=True):
     """``converted`` computes ``original``'s output, in training and eval, with its keys (and its
     tensors, when ``shared``)."""
     assert converted.state_dict().keys() == original.state_dict().keys()
-    assert not shared or all(a is b for a, b in zip(converted.state_dict(keep_vars=True).values(), original.state_dict(keep_vars=True).values()))
+    assert not shared or all(
+        a is b
+        for a, b in zip(converted.state_dict(keep_vars=True).values(), original.state_dict(keep_vars=True).values())
+    )
     reference = copy.deepcopy(original)  # trained separately: converted shares original's tensors
     ours = copy.deepcopy(converted)
     for training in (True, False):
@@ -97,7 +100,9 @@ def test_timm_batch_norm_act_converts_whatever_its_activation_and_drop(timm, kwa
 
 def test_timm_sync_batch_norm_act_converts_with_its_process_group(timm):
     group = object()  # the converted layer keeps it, unused without an initialised process group
-    original = timm.layers.convert_sync_batchnorm(nn.Sequential(timm_norm_act(timm, act_layer=nn.GELU)), process_group=group)[0]
+    original = timm.layers.convert_sync_batchnorm(
+        nn.Sequential(timm_norm_act(timm, act_layer=nn.GELU)), process_group=group
+    )[0]
     assert type(original) is timm.layers.SyncBatchNormAct
     converted = ckbn.convert_model(original)
     assert type(converted) is SyncBatchNormDropAct and converted.process_group is group

@@ -169,13 +169,20 @@ def test_update_running_stats(buffer_dtype, momentum):
         torch.testing.assert_close(g, w, **TOL[buffer_dtype if buffer_dtype != torch.float64 else torch.float32])
 
 
-@pytest.mark.parametrize("shape", [SHAPES["resnet"], SHAPES["cross-block"], SHAPES["batchnorm1d"]], ids=["resnet", "cross-block", "batchnorm1d"])
+@pytest.mark.parametrize(
+    "shape",
+    [SHAPES["resnet"], SHAPES["cross-block"], SHAPES["batchnorm1d"]],
+    ids=["resnet", "cross-block", "batchnorm1d"],
+)
 def test_training_step_matches_torch_float64(shape, layout):
     """A whole training step against F.batch_norm with autograd, everything in float64."""
     x = sample(shape, torch.float64, layout)
     dy = sample(shape, torch.float64, layout, seed=2)
     weight, bias = params(shape[1], torch.float64)
-    running = [torch.zeros(shape[1], device="cuda", dtype=torch.float64), torch.ones(shape[1], device="cuda", dtype=torch.float64)]
+    running = [
+        torch.zeros(shape[1], device="cuda", dtype=torch.float64),
+        torch.ones(shape[1], device="cuda", dtype=torch.float64),
+    ]
     torch_running = [t.clone() for t in running]
 
     mean, invstd = ops.batch_stats(x, EPS)
@@ -216,7 +223,9 @@ def test_misaligned_storage(layout, dtype, offset):
     ref_mean, ref_invstd = ref.batch_stats(x, EPS)
     torch.testing.assert_close(mean, ref_mean, **stats_tol(dtype))
     torch.testing.assert_close(invstd, ref_invstd, **stats_tol(dtype))
-    torch.testing.assert_close(ops.normalize(x, mean, invstd, None, None), ref.normalize(x, mean, invstd, None, None), **TOL[dtype])
+    torch.testing.assert_close(
+        ops.normalize(x, mean, invstd, None, None), ref.normalize(x, mean, invstd, None, None), **TOL[dtype]
+    )
     got = ops.backward(dy, x, mean, invstd, None, True, [True, True, True])
     want = ref.backward(dy, x, mean, invstd, None, True, [True, True, True])
     torch.testing.assert_close(got[0], want[0], **TOL[dtype])
@@ -243,7 +252,11 @@ def test_cuda_graph_training_step():
     static_x = sample(shape, torch.float32)
     static_dy = sample(shape, torch.float32, seed=2)
     weight, bias = params(shape[1], torch.float32)
-    running = [torch.zeros(shape[1], device="cuda"), torch.ones(shape[1], device="cuda"), torch.tensor(0, device="cuda")]
+    running = [
+        torch.zeros(shape[1], device="cuda"),
+        torch.ones(shape[1], device="cuda"),
+        torch.tensor(0, device="cuda"),
+    ]
     expected_running = [t.clone() for t in running]
 
     def step():
@@ -298,7 +311,9 @@ def test_non_default_stream(layout):
     torch.testing.assert_close(mean, expected[0], rtol=0, atol=0)
     torch.testing.assert_close(invstd, expected[1], rtol=0, atol=0)
     torch.testing.assert_close(y, expected_y, rtol=0, atol=0)
-    torch.testing.assert_close(dx, ref.backward(x, x, mean, invstd, None, True, [True, False, False])[0], **TOL[torch.float16])
+    torch.testing.assert_close(
+        dx, ref.backward(x, x, mean, invstd, None, True, [True, False, False])[0], **TOL[torch.float16]
+    )
 
 
 class TestDeviceMismatch:
@@ -366,7 +381,11 @@ def test_numel_beyond_int32(layout):
 
     y = ops.normalize(x, mean, invstd, None, None)
     for n in (0, shape[0] - 1):  # the last slice lies beyond element 2**31
-        torch.testing.assert_close(y[n : n + 1], ref.normalize(x[n : n + 1], mean, invstd, None, None), **TOL[torch.float16])
+        torch.testing.assert_close(
+            y[n : n + 1], ref.normalize(x[n : n + 1], mean, invstd, None, None), **TOL[torch.float16]
+        )
     del y
     dx = ops.backward(x, x, mean, invstd, None, False, [True, False, False])[0]
-    torch.testing.assert_close(dx[-1:], ref.backward(x[-1:], x[-1:], mean, invstd, None, False, [True, False, False])[0], **TOL[torch.float16])
+    torch.testing.assert_close(
+        dx[-1:], ref.backward(x[-1:], x[-1:], mean, invstd, None, False, [True, False, False])[0], **TOL[torch.float16]
+    )

@@ -20,6 +20,10 @@ def test_cuda_kernels_match_reference_when_emulated():
     env.pop("CKBN_REQUIRE_EXTENSION", None)
     result = subprocess.run(
         [sys.executable, os.path.join("tests", "cuda_emulation", "check_kernels.py"), "--dtypes", "float32,float16"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -103,9 +103,16 @@ def test_models_summary_of_runs(tmp_path, monkeypatch):
     runs = []
     for index, slow in enumerate((1.0, 2.0, 3.0)):
         rows = [
-            {"model": "m", "variant": variant.name, "time_ms": 10.0 * (1 + slow * i), "held_bytes": 100 - i,
-             "time_vs_unchecked": 1 + slow * i, "time_ratio": 1.0, "held_vs_unchecked": 1.0,
-             "backward_peak_vs_unchecked": 1.0}
+            {
+                "model": "m",
+                "variant": variant.name,
+                "time_ms": 10.0 * (1 + slow * i),
+                "held_bytes": 100 - i,
+                "time_vs_unchecked": 1 + slow * i,
+                "time_ratio": 1.0,
+                "held_vs_unchecked": 1.0,
+                "backward_peak_vs_unchecked": 1.0,
+            }
             for i, variant in enumerate(models.VARIANTS)
         ]
         path = tmp_path / f"run{index}.json"

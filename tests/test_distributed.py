@@ -341,7 +341,8 @@ def recalibrate(rank: int, world_size: int, shards: str) -> None:
 
 
 SCENARIOS = {
-    f.__name__: f for f in (uneven_batches, low_precision, large_count, collective_counts, ddp_training, errors, recalibrate)
+    f.__name__: f
+    for f in (uneven_batches, low_precision, large_count, collective_counts, ddp_training, errors, recalibrate)
 }
 
 
@@ -368,7 +369,15 @@ def _rank_main(rank: str, world_size: str, port: str, *scenarios: str) -> None:
 
 # One launch per world size runs all of its scenarios: every rank process spends seconds importing torch.
 LAUNCHES = {
-    2: ["collective_counts", "ddp_training", "ddp_training:apply", "uneven_batches:3,0", "low_precision", "large_count", "errors"],
+    2: [
+        "collective_counts",
+        "ddp_training",
+        "ddp_training:apply",
+        "uneven_batches:3,0",
+        "low_precision",
+        "large_count",
+        "errors",
+    ],
     3: ["uneven_batches:2,0,5", "recalibrate:2,0,3"],
 }
 

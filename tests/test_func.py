@@ -57,9 +57,7 @@ TRANSFORMS = {
 
 def tangents_like(tree, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.utils._pytree.tree_map(
-        lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device), tree
-    )
+    return torch.utils._pytree.tree_map(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device), tree)
 
 
 # Transforms that capture the buffers: torch.func forbids the buffer update itself (torch's modules

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
+from helpers import counting
 
 import ckbn
-from helpers import counting
 
 # name: (shape, layout)
 INPUTS = {

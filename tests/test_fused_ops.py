@@ -7,13 +7,13 @@ in float64. Shapes, layouts, dtypes and tolerances are those of test_ops.py.
 import pytest
 import torch
 import torch.nn.functional as F
+from test_checkpoint import counting
+from test_ops import CASES, DTYPES, EPS, affine, assert_close, assert_like_input, make_input, stats_dtype
 
 import ckbn
 from ckbn import _backend, activations, reference
 from ckbn.function import BatchNormFunction
 from ckbn.modules import batch_norm_forward
-from test_checkpoint import counting
-from test_ops import CASES, DTYPES, EPS, affine, assert_close, assert_like_input, make_input, stats_dtype
 
 ops = _backend.ops
 
@@ -249,7 +249,8 @@ def test_opcheck_fused(layout, activation, param):
     x, dy, weight, bias, mean, invstd = fused_inputs((3, 4, 5, 6), layout, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.ckbn.normalize.default, (x, mean, invstd, weight, bias, activation, param))
     torch.library.opcheck(
-        torch.ops.ckbn.backward.default, (dy, x, mean, invstd, weight, True, [True, True, True], bias, activation, param)
+        torch.ops.ckbn.backward.default,
+        (dy, x, mean, invstd, weight, True, [True, True, True], bias, activation, param),
     )
 
 

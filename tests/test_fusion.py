@@ -49,7 +49,9 @@ def training_step(model, x):
     x = x.clone().requires_grad_()
     torch.manual_seed(2)  # the same dropout and stochastic-depth draws in every model
     outputs = [y for y in tree_leaves(model(x)) if isinstance(y, torch.Tensor)]
-    cotangents = [torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(i)) for i, y in enumerate(outputs)]
+    cotangents = [
+        torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(i)) for i, y in enumerate(outputs)
+    ]
     sum((y * c).sum() for y, c in zip(outputs, cotangents)).backward()
     grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
     return torch.cat([y.detach().flatten() for y in outputs]), torch.cat(grads), x.grad
@@ -57,7 +59,9 @@ def training_step(model, x):
 
 def assert_same_step(unfused, fused, x):
     """One training step of each; outputs, gradients and every buffer agree."""
-    for theirs, ours, what in zip(training_step(unfused, x), training_step(fused, x), ("output", "gradient", "input gradient")):
+    for theirs, ours, what in zip(
+        training_step(unfused, x), training_step(fused, x), ("output", "gradient", "input gradient")
+    ):
         assert relative_error(ours, theirs) <= TOLERANCE, what
     theirs, ours = dict(unfused.named_buffers()), dict(fused.named_buffers())
     assert theirs.keys() == ours.keys()
@@ -156,7 +160,11 @@ def test_not_taken_for_a_plain_batch_norm():
     assert not isinstance(fused, nn.modules.batchnorm._BatchNorm)
     assert "activation=leaky_relu, activation_param=0.3" in repr(fused)
     model = nn.Sequential(fused)
-    for convert in (nn.SyncBatchNorm.convert_sync_batchnorm, ckbn.convert_model, ckbn.SyncBatchNorm.convert_sync_batchnorm):
+    for convert in (
+        nn.SyncBatchNorm.convert_sync_batchnorm,
+        ckbn.convert_model,
+        ckbn.SyncBatchNorm.convert_sync_batchnorm,
+    ):
         assert convert(model)[0] is fused
     with pytest.raises(AttributeError):
         fused.activation = "relu"  # validated once, at construction
@@ -178,7 +186,9 @@ def test_fused_module_saves_only_its_input_full_size(activation):
 
 
 def conv_bn_act_block(batch_norm, activation):
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), batch_norm(4), activation(), nn.Conv2d(4, 3, 1), batch_norm(3), nn.SiLU())
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), batch_norm(4), activation(), nn.Conv2d(4, 3, 1), batch_norm(3), nn.SiLU()
+    )
 
 
 CHECKPOINTS = {
@@ -195,7 +205,9 @@ def test_running_statistics_exact_under_checkpoint(checkpoint):
     assert len(fused_activations(unchecked)) == 2
     checked = copy.deepcopy(unchecked)
     for step in range(3):
-        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step), requires_grad=True)
+        x = torch.randn(
+            2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step), requires_grad=True
+        )
         unchecked(x).sum().backward()
         CHECKPOINTS[checkpoint](checked, x).sum().backward()
     for (name, theirs), ours in zip(unchecked.named_buffers(), checked.buffers()):
@@ -253,7 +265,11 @@ class Untraceable(nn.Module):
 @pytest.mark.parametrize(
     "model, fused, left",
     [
-        (FunctionalActivations, {"bn_leaky": "leaky_relu(0.2)", "bn_method": "relu", "bn_shared_relu": "relu"}, ["bn_two_users", "bn_residual"]),
+        (
+            FunctionalActivations,
+            {"bn_leaky": "leaky_relu(0.2)", "bn_method": "relu", "bn_shared_relu": "relu"},
+            ["bn_two_users", "bn_residual"],
+        ),
         (TrainingDependent, {}, ["bn"]),
         (Untraceable, {"body.1": "hardswish"}, ["bn", "body.3"]),
     ],
@@ -302,7 +318,13 @@ torchvision = pytest.importorskip("torchvision")
 
 # The BatchNorms that no activation follows: ResNet's last in each block and in each downsample,
 # the projections of inverted-residual blocks, DenseNet's norm5 (its ReLU is in DenseNet.forward).
-TORCHVISION_UNFUSED = {"resnet50": 16 + 4, "mobilenet_v2": 17, "mobilenet_v3_large": 15, "efficientnet_b0": 16, "densenet121": 1}
+TORCHVISION_UNFUSED = {
+    "resnet50": 16 + 4,
+    "mobilenet_v2": 17,
+    "mobilenet_v3_large": 15,
+    "efficientnet_b0": 16,
+    "densenet121": 1,
+}
 EVAL_STEP = {"efficientnet_b0"}  # see assert_same_model
 
 
@@ -363,7 +385,9 @@ def test_ultralytics_yolov8n_fuses_every_conv(ultralytics):
         assert relative_error(model.fuse(verbose=False)(x)[0], unfused(x)[0]) <= TOLERANCE
 
 
-@pytest.mark.parametrize("convert, batches", [(None, 6), (ckbn.fuse, 3), (lambda m: ckbn.convert_model(m, fuse_activations=True), 3)])
+@pytest.mark.parametrize(
+    "convert, batches", [(None, 6), (ckbn.fuse, 3), (lambda m: ckbn.convert_model(m, fuse_activations=True), 3)]
+)
 def test_ultralytics_conv_counts_checkpointed_batches_once(ultralytics, convert, batches):
     """torch's BatchNorm counts each checkpointed batch twice; the fused ckbn module once."""
     from ultralytics.nn.modules import Conv

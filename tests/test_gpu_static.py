@@ -90,8 +90,14 @@ def test_kernel_checks_flag_spills_and_narrow_hot_loops(fields, problem):
 
 def launch(name, read, write, read_distinct, write_distinct, grid=(1, 1, 1), block=(512, 1, 1)):
     zero = {"read": 0, "write": 0, "read_distinct": 0, "write_distinct": 0}
-    return {"kernel": name, "grid": list(grid), "block": list(block), "shared_bytes": 0, "small": zero,
-            "large": {"read": read, "write": write, "read_distinct": read_distinct, "write_distinct": write_distinct}}
+    return {
+        "kernel": name,
+        "grid": list(grid),
+        "block": list(block),
+        "shared_bytes": 0,
+        "small": zero,
+        "large": {"read": read, "write": write, "read_distinct": read_distinct, "write_distinct": write_distinct},
+    }
 
 
 REDUCE = "ckbn::reduce_planes_kernel<ckbn::GradReduction<float, float>, 4>(args)"
@@ -105,14 +111,24 @@ ELEMENT = "ckbn::elementwise_planes_kernel<ckbn::BackwardElementwise<float, floa
         ("normalize", [launch(ELEMENT, 200, 100, 100, 100)], False),  # reads x twice in one pass
         ("backward train", [launch(REDUCE, 400, 100, 200, 100)], True),  # fused: rereads from L2
         ("backward train", [launch(REDUCE, 200, 0, 200, 0), launch(ELEMENT, 200, 100, 200, 100)], True),
-        ("backward train", [launch(REDUCE, 200, 0, 200, 0), launch(ELEMENT, 200, 100, 200, 100),
-                            launch(ELEMENT, 200, 100, 200, 100)], False),
+        (
+            "backward train",
+            [launch(REDUCE, 200, 0, 200, 0), launch(ELEMENT, 200, 100, 200, 100), launch(ELEMENT, 200, 100, 200, 100)],
+            False,
+        ),
         ("batch_stats", [launch(REDUCE, 200, 0, 200, 0)], False),
     ],
 )
 def test_traffic_check_holds_operators_to_their_design(op, launches, ok):
-    case = {"case": "c", "shape": [1], "layout": "planes", "dtype": "float32", "op": op, "tensor_bytes": 100,
-            "launches": launches}
+    case = {
+        "case": "c",
+        "shape": [1],
+        "layout": "planes",
+        "dtype": "float32",
+        "op": op,
+        "tensor_bytes": 100,
+        "launches": launches,
+    }
     (row,) = gpu_static.judge_traffic([case])
     assert (not row["problems"]) == ok, row["problems"]
 
@@ -120,14 +136,26 @@ def test_traffic_check_holds_operators_to_their_design(op, launches, ok):
 @pytest.mark.parametrize(
     "blocks, grid_stride, ok",
     # grid_stride as the emulator records it: -1 no units argument, 0 units = blocks, 1 units > blocks.
-    [(132 * 2 * 3, -1, True), (132 * 2 * 2 + 20, -1, False), (132 * 2, -1, False), (132 * 2, 0, True),
-     (132 * 2 - 10, 1, True), (100, 1, False)],
+    [
+        (132 * 2 * 3, -1, True),
+        (132 * 2 * 2 + 20, -1, False),
+        (132 * 2, -1, False),
+        (132 * 2, 0, True),
+        (132 * 2 - 10, 1, True),
+        (100, 1, False),
+    ],
 )
 def test_plan_check_wants_full_waves(blocks, grid_stride, ok):
     k = kernel(name="ckbn::elementwise_planes_kernel<ckbn::NormalizeElementwise<float, float>, 4>", regs=64)
-    plan = {"shape": [1], "layout": "planes", "dtype": "float32", "op": "normalize",
-            "launches": [dict(launch(k.name + "(args)", 0, 0, 0, 0, grid=(blocks, 1, 1)), kernel=k.name,
-                              grid_stride=grid_stride)]}
+    plan = {
+        "shape": [1],
+        "layout": "planes",
+        "dtype": "float32",
+        "op": "normalize",
+        "launches": [
+            dict(launch(k.name + "(args)", 0, 0, 0, 0, grid=(blocks, 1, 1)), kernel=k.name, grid_stride=grid_stride)
+        ],
+    }
     (row,) = gpu_static.judge_plans([plan], {k.name: k})
     assert row["blocks_per_sm"] == 2
     assert (not row["problems"]) == ok, row
@@ -140,9 +168,13 @@ def test_plan_check_wants_full_waves(blocks, grid_stride, ok):
 )
 def test_plan_check_accepts_a_lighter_kernel_filling_its_designed_slots(blocks, ok):
     k = kernel(name="ckbn::elementwise_planes_kernel<ckbn::NormalizeElementwise<float, float>, 4>", regs=40)
-    plan = {"shape": [1], "layout": "planes", "dtype": "float32", "op": "normalize",
-            "launches": [dict(launch(k.name + "(args)", 0, 0, 0, 0, grid=(blocks, 1, 1)), kernel=k.name,
-                              grid_stride=0)]}
+    plan = {
+        "shape": [1],
+        "layout": "planes",
+        "dtype": "float32",
+        "op": "normalize",
+        "launches": [dict(launch(k.name + "(args)", 0, 0, 0, 0, grid=(blocks, 1, 1)), kernel=k.name, grid_stride=0)],
+    }
     (row,) = gpu_static.judge_plans([plan], {k.name: k})
     assert row["blocks_per_sm"] == 3
     assert (not row["problems"]) == ok, row
@@ -152,8 +184,13 @@ def test_plan_check_accepts_a_lighter_kernel_filling_its_designed_slots(blocks, 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
 def test_emulated_operators_move_no_more_than_their_design():
     """Traffic alone, from the emulator: runs wherever a C++ compiler does, CUDA build or not."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_static.py"), "--traffic-only", "--check"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "gpu_static.py"), "--traffic-only", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     assert result.stdout.count("ok  ") >= 60, result.stdout  # every case ran
 
@@ -180,9 +217,19 @@ def test_built_sm90_code_passes_the_static_model(tmp_path):
             pytest.fail(f"CKBN_REQUIRE_CUDA_BUILD=1 but {missing}")
         pytest.skip(missing)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "gpu_static.py"), "--check", "--library", library,
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=3600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "gpu_static.py"),
+            "--check",
+            "--library",
+            library,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
 
@@ -198,9 +245,15 @@ def _bench_ops():
 @pytest.mark.parametrize(
     "names, passes",
     [
-        (["void ckbn::(anonymous namespace)::reduce_planes_kernel<GradReduction<float, float>, 4>(...)",
-          "void ckbn::(anonymous namespace)::finalize_kernel<GradReduction<float, float> >(...)",
-          "void ckbn::(anonymous namespace)::elementwise_planes_kernel<BackwardElementwise<float, float>, 4>(...)"], 5),
+        (
+            [
+                "void ckbn::(anonymous namespace)::reduce_planes_kernel<GradReduction<float, float>, 4>(...)",
+                "void ckbn::(anonymous namespace)::finalize_kernel<GradReduction<float, float> >(...)",
+                "void ckbn::(anonymous namespace)::elementwise_planes_kernel"
+                "<BackwardElementwise<float, float>, 4>(...)",
+            ],
+            5,
+        ),
         (["void ckbn::(anonymous namespace)::reduce_rows_kernel<GradReduction<float, float>, 4>(...)"], 3),
         (["void at::native::vectorized_elementwise_kernel<...>(...)"], 3),  # no ckbn kernel: the lower bound
     ],

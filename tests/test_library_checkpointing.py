@@ -15,10 +15,9 @@ import functools
 
 import pytest
 import torch
-from torch import nn
+from helpers import tensors_of
 
 import ckbn
-from helpers import tensors_of
 
 STEPS = 3
 RTOL, ATOL = 1e-12, 1e-14  # a checkpoint recomputes the same float64 operations
@@ -31,7 +30,10 @@ def train(model, make_input, steps=STEPS):
     for step in range(steps):
         torch.manual_seed(100 + step)  # the same dropout masks in every model
         outputs = tensors_of(model(make_input(step)))
-        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(step), dtype=o.dtype)).sum() for o in outputs)
+        loss = sum(
+            (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(step), dtype=o.dtype)).sum()
+            for o in outputs
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -51,9 +53,9 @@ def named(tensors):
     return {name.replace("_checkpoint_wrapped_module.", ""): t for name, t in tensors}
 
 
-def assert_close_models(ours, theirs, rtol, atol, tensors=("named_buffers", "named_parameters")):
-    for tensors in tensors:
-        mine, truth = named(getattr(ours, tensors)()), dict(getattr(theirs, tensors)())
+def assert_close_models(ours, theirs, rtol, atol, kinds=("named_buffers", "named_parameters")):
+    for kind in kinds:
+        mine, truth = named(getattr(ours, kind)()), dict(getattr(theirs, kind)())
         assert mine.keys() == truth.keys()
         for name, tensor in mine.items():
             torch.testing.assert_close(tensor, truth[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
@@ -69,10 +71,11 @@ def assert_exact_under_checkpointing(model, enable_checkpointing, make_input):
     first_torch, first_ckbn = copy.deepcopy(model), copy.deepcopy(converted)
     for a, e in zip(train(first_ckbn, make_input, steps=1), train(first_torch, make_input, steps=1)):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
-    assert_close_models(first_ckbn, first_torch, rtol=1e-10, atol=1e-12, tensors=("named_buffers",))
+    assert_close_models(first_ckbn, first_torch, rtol=1e-10, atol=1e-12, kinds=("named_buffers",))
     # The step's updates as one vector: a single weight's can be a sum that cancels to its rounding.
     ours, theirs, initial = (
-        torch.cat([p.flatten() for _, p in sorted(named(m.named_parameters()).items())]) for m in (first_ckbn, first_torch, model)
+        torch.cat([p.flatten() for _, p in sorted(named(m.named_parameters()).items())])
+        for m in (first_ckbn, first_torch, model)
     )
     assert ((ours - theirs).norm() / (theirs - initial).norm()).item() <= 1e-10
 
@@ -142,7 +145,9 @@ def test_ultralytics_yolov8n_blocks_checkpointed(ultralytics):
         # DetectionModel runs its blocks in a loop that reads their routing attributes (f, i), so
         # each block keeps its place and takes a checkpointed forward.
         for block in m.model:
-            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+            block.forward = functools.partial(
+                torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block), use_reentrant=False
+            )
         return m
 
     assert_exact_under_checkpointing(model, checkpoint_blocks, image_batches((2, 3, 64, 64)))
@@ -163,7 +168,9 @@ def test_fsdp_apply_activation_checkpointing(implementation):
 
     def wrap_blocks(m):
         block = torchvision.models.resnet.BasicBlock
-        apply_activation_checkpointing(m, checkpoint_wrapper_fn=wrapper, check_fn=lambda layer: isinstance(layer, block))
+        apply_activation_checkpointing(
+            m, checkpoint_wrapper_fn=wrapper, check_fn=lambda layer: isinstance(layer, block)
+        )
         return m
 
     make_input = image_batches((4, 3, 32, 32))

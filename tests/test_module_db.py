@@ -23,8 +23,9 @@ from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  #
 if not _flags_were_frozen:  # importing torch's test utilities freezes torch.backends flags for the whole session
     vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = True
 
-import ckbn  # noqa: E402
 from helpers import raised  # noqa: E402
+
+import ckbn  # noqa: E402
 
 CKBN_CLASSES = {
     torch.nn.BatchNorm1d: ckbn.BatchNorm1d,

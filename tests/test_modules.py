@@ -127,12 +127,48 @@ def _assert_unchanged(module, before):
 
 # case: (module class, a valid input shape, the bad input, exception type, message)
 BAD_INPUTS = {
-    "3d_to_2d": (ckbn.BatchNorm2d, (4, 3, 5, 5), lambda: torch.randn(4, 3, 5), ValueError, "expected 4D input \\(got 3D input\\)"),
-    "4d_to_3d": (ckbn.BatchNorm3d, (4, 3, 2, 2, 2), lambda: torch.randn(4, 3, 5, 5), ValueError, "expected 5D input \\(got 4D input\\)"),
-    "1d_input": (ckbn.BatchNorm1d, (4, 3), lambda: torch.randn(3), ValueError, "expected 2D or 3D input \\(got 1D input\\)"),
-    "channels": (ckbn.BatchNorm2d, (4, 3, 5, 5), lambda: torch.randn(4, 4, 5, 5), RuntimeError, "should contain 4 elements not 3"),
-    "integer": (ckbn.BatchNorm2d, (4, 3, 5, 5), lambda: torch.ones(4, 3, 5, 5, dtype=torch.int64), RuntimeError, "floating-point"),
-    "one_value": (ckbn.BatchNorm2d, (4, 3, 5, 5), lambda: torch.randn(1, 3, 1, 1), ValueError, "Expected more than 1 value per channel"),
+    "3d_to_2d": (
+        ckbn.BatchNorm2d,
+        (4, 3, 5, 5),
+        lambda: torch.randn(4, 3, 5),
+        ValueError,
+        "expected 4D input \\(got 3D input\\)",
+    ),
+    "4d_to_3d": (
+        ckbn.BatchNorm3d,
+        (4, 3, 2, 2, 2),
+        lambda: torch.randn(4, 3, 5, 5),
+        ValueError,
+        "expected 5D input \\(got 4D input\\)",
+    ),
+    "1d_input": (
+        ckbn.BatchNorm1d,
+        (4, 3),
+        lambda: torch.randn(3),
+        ValueError,
+        "expected 2D or 3D input \\(got 1D input\\)",
+    ),
+    "channels": (
+        ckbn.BatchNorm2d,
+        (4, 3, 5, 5),
+        lambda: torch.randn(4, 4, 5, 5),
+        RuntimeError,
+        "should contain 4 elements not 3",
+    ),
+    "integer": (
+        ckbn.BatchNorm2d,
+        (4, 3, 5, 5),
+        lambda: torch.ones(4, 3, 5, 5, dtype=torch.int64),
+        RuntimeError,
+        "floating-point",
+    ),
+    "one_value": (
+        ckbn.BatchNorm2d,
+        (4, 3, 5, 5),
+        lambda: torch.randn(1, 3, 1, 1),
+        ValueError,
+        "Expected more than 1 value per channel",
+    ),
 }
 
 

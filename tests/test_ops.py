@@ -339,14 +339,19 @@ def test_backward_reduce_and_elemt(shape, layout, dtype, device):
     x64, dy64 = x.double(), dy.double()
     expected_sum_dy = dy64.sum(dim=reduce_dims(x))
     expected_sum_dy_xmu = (dy64 * (x64 - per_channel(mean.double(), x))).sum(dim=reduce_dims(x))
-    for actual, ref, expected in ((sum_dy, ref_sum_dy, expected_sum_dy), (sum_dy_xmu, ref_sum_dy_xmu, expected_sum_dy_xmu)):
+    for actual, ref, expected in (
+        (sum_dy, ref_sum_dy, expected_sum_dy),
+        (sum_dy_xmu, ref_sum_dy_xmu, expected_sum_dy_xmu),
+    ):
         assert_close(actual, ref, acc)
         assert_close(actual, expected, acc)
 
     count = x.numel() // x.size(1)
     grad_input = ops.backward_elemt(dy, x, mean, invstd, weight, sum_dy / count, sum_dy_xmu / count)
     assert_like_input(grad_input, x)
-    assert_close(grad_input, reference.backward_elemt(dy, x, mean, invstd, weight, sum_dy / count, sum_dy_xmu / count), dtype)
+    assert_close(
+        grad_input, reference.backward_elemt(dy, x, mean, invstd, weight, sum_dy / count, sum_dy_xmu / count), dtype
+    )
     assert_close(grad_input, oracle_backward(x, dy, weight, mean, invstd, True)[0], dtype)
 
 

@@ -11,11 +11,11 @@ import inspect
 
 import pytest
 import torch
+from helpers import raised
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ckbn
 from ckbn import _backend
-from helpers import raised
 
 ops = _backend.ops
 needs_fakes = pytest.mark.skipif(
@@ -261,7 +261,7 @@ def test_lazy_module_becomes_ckbn_class_and_matches_torch(kind, training):
     ours = lazy_cls(momentum=None, dtype=torch.float64).train(training)
     theirs = torch_lazy_cls(momentum=None, dtype=torch.float64).train(training)
     assert isinstance(ours, torch_lazy_cls) and ours.has_uninitialized_params()
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         grad_output = torch.randn(shape, dtype=torch.float64)
         y_ours = ours(x)

@@ -82,7 +82,9 @@ def test_equals_population_statistics_in_float64(dim, spatial, memory_format):
 def test_low_precision_input_accumulates_in_float64(dtype, rtol):
     """The values a layer saw are exact in float64; only the float32 buffers round."""
     torch.manual_seed(0)
-    model = nn.Sequential(ckbn.BatchNorm2d(3), ckbn.BatchNormAct2d(3, "relu"), ckbn.BatchNorm2d(3))  # float32 parameters (AMP)
+    model = nn.Sequential(
+        ckbn.BatchNorm2d(3), ckbn.BatchNormAct2d(3, "relu"), ckbn.BatchNorm2d(3)
+    )  # float32 parameters (AMP)
     batches = shifted_batches((3, 6, 6), [4, 7, 2], dtype=dtype)
     expected = population_statistics(model, batches)
     ckbn.recalibrate(model, batches)
@@ -154,7 +156,9 @@ def test_torch_batch_norm_is_refused_before_anything_runs():
     assert not calls and model[0].num_batches_tracked.item() == 0
 
 
-@pytest.mark.parametrize("wrap", [lambda x: x, lambda x: (x, torch.zeros(len(x))), lambda x: [x, 0], lambda x: {"input": x}])
+@pytest.mark.parametrize(
+    "wrap", [lambda x: x, lambda x: (x, torch.zeros(len(x))), lambda x: [x, 0], lambda x: {"input": x}]
+)
 def test_batches_as_loaders_give_them(wrap):
     model = small_model(2).double()
     batches = shifted_batches((3, 4, 4), [2, 3, 4])

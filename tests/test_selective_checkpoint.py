@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
+from helpers import counting
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 import ckbn
-from helpers import counting
 
 aten = torch.ops.aten
 
@@ -47,7 +47,12 @@ POLICIES = {
 def torch_model(fused_activation):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.SiLU()
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4, momentum=None),
+        nn.SiLU(),
     ).double()
 
 

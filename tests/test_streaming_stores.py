@@ -31,9 +31,23 @@ def test_element_passes_with_every_output_streamed():
     python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": python_path, "CKBN_CPU_STREAMING_BYTES": "0", "CKBN_REQUIRE_EXTENSION": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu",
-         *[os.path.join(TESTS, test) for test in ELEMENT_PASS_TESTS]],
-        cwd=TESTS, env=env, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "cpu",
+            *[os.path.join(TESTS, test) for test in ELEMENT_PASS_TESTS],
+        ],
+        cwd=TESTS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]

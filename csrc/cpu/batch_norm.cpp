@@ -20,17 +20,20 @@ namespace {
 // reports ATEN_CPU_CAPABILITY as asked, even above what the CPU has; the loops must not run there.
 bool cpu_runs_avx2_loops() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
-         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+         __builtin_cpu_supports("popcnt");
 }
 
 bool cpu_runs_avx512_loops() {
-  return cpu_runs_avx2_loops() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return cpu_runs_avx2_loops() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
 }
 #endif
 
-// The loops compiled for the instruction set ATen itself uses on this CPU, capped at what the CPU has.
+// The loops compiled for the instruction set ATen itself uses on this CPU, capped at what the CPU
+// has.
 const cpu::Kernels& kernels() {
   static const cpu::Kernels& chosen = []() -> const cpu::Kernels& {
 #ifdef CKBN_CPU_X86_DISPATCH
@@ -115,8 +118,8 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
                           const at::Tensor& invstd, c10::optional<double> momentum, double eps,
                           int64_t count) {
   constexpr const char* op = "ckbn::update_running_stats";
-  check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd,
-                                  eps, count);
+  check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd, eps,
+                                  count);
   TORCH_CHECK(mean.device().is_cpu(), op, ": expected mean on the CPU, but got ", mean.device());
 
   int64_t& batches = *num_batches_tracked.mutable_data_ptr<int64_t>();
@@ -153,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     std::array<bool, 3> output_mask, const c10::optional<at::Tensor>& bias,
     c10::string_view activation, double activation_param) {
   check_backward_args(grad_output, input, mean, invstd, weight);
-  const cpu::Fused fused{
-      check_backward_activation_args(bias, input, activation, activation_param), activation_param};
+  const cpu::Fused fused{check_backward_activation_args(bias, input, activation, activation_param),
+                         activation_param};
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto [x, g] = loop_view(input);
   const at::Tensor dy = match_strides(grad_output, x);
@@ -196,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output,
-                                                   const at::Tensor& input, const at::Tensor& mean) {
+                                                   const at::Tensor& input,
+                                                   const at::Tensor& mean) {
   check_backward_reduce_args(grad_output, input, mean);
   const auto [x, g] = loop_view(input);
   at::Tensor sum_dy = channel_tensor(input);

@@ -30,7 +30,11 @@ int64_t parse_size(const std::string& text) {
     return -1;
   }
   const std::string unit = text.substr(end);
-  const int64_t scale = unit.empty() ? 1 : unit == "K" ? 1 << 10 : unit == "M" ? 1 << 20 : unit == "G" ? 1 << 30 : -1;
+  const int64_t scale = unit.empty()  ? 1
+                        : unit == "K" ? 1 << 10
+                        : unit == "M" ? 1 << 20
+                        : unit == "G" ? 1 << 30
+                                      : -1;
   return value < 0 || scale < 0 ? -1 : value * scale;
 }
 
@@ -43,7 +47,9 @@ int64_t count_cpus(const std::string& list) {
     const std::string range = list.substr(start, comma - start);
     const size_t dash = range.find('-');
     try {
-      count += dash == std::string::npos ? 1 : std::stoll(range.substr(dash + 1)) - std::stoll(range) + 1;
+      count += dash == std::string::npos
+                   ? 1
+                   : std::stoll(range.substr(dash + 1)) - std::stoll(range) + 1;
     } catch (...) {
       return 1;
     }
@@ -58,7 +64,8 @@ Cache last_level_cache() {
   Cache found;
   int deepest = 0;
   for (int index = 0; index < 16; ++index) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    const std::string dir =
+        "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
     std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size"),
         shared_file(dir + "shared_cpu_list");
     int level = 0;

@@ -5,8 +5,8 @@
 // extension is built with generic flags. batch_norm.cpp picks the table that matches ATen's own
 // choice for this CPU (at::get_cpu_capability, which honours ATEN_CPU_CAPABILITY).
 //
-// Every entry takes the kernel view of the input and its loop geometry, already checked; per-channel
-// outputs are (C,) tensors of the statistics dtype that the entry fills.
+// Every entry takes the kernel view of the input and its loop geometry, already checked;
+// per-channel outputs are (C,) tensors of the statistics dtype that the entry fills.
 #pragma once
 
 #include "ckbn.h"

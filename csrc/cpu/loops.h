@@ -61,9 +61,7 @@ namespace math {
 template <typename T>
 struct Lanes<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static V select(const V& mask, const V& a, const V& b) {
-    return V::blendv(b, a, mask);
-  }
+  static V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   // ATen's faster exp (within 20 ulp for float; for double, Sleef's 1-ulp exp), as torch's own CPU
   // softmax uses: SiLU's exp dominates its fused passes, and its error is far below the tests'.
   static V exp(const V& a) { return a.exp_u20(); }
@@ -243,8 +241,8 @@ void fold(const acc_t* slots, const RowGroups& g, acc_t* per_channel) {
   }
 }
 
-// Adds rows [begin, end) of ChannelsLast data into kAcc arrays of per-slot sums, one vector block of
-// slots at a time so that its accumulators stay in registers down the rows:
+// Adds rows [begin, end) of ChannelsLast data into kAcc arrays of per-slot sums, one vector block
+// of slots at a time so that its accumulators stay in registers down the rows:
 //   block_op(acc, i, offset) adds the terms of slots i .. i + kSize, element `offset` on, to acc;
 //   element_op(s, offset) adds the terms of one element, of slot s, to the arrays directly (for
 //   slots past the last whole block, and for a last row group cut short by `end`).
@@ -321,7 +319,8 @@ std::vector<acc_t> channel_values(const at::Tensor& t) {
 
 // An optional affine parameter as acc_t values; `fill` when absent.
 template <typename acc_t>
-std::vector<acc_t> channel_values(const c10::optional<at::Tensor>& t, acc_t fill, int64_t channels) {
+std::vector<acc_t> channel_values(const c10::optional<at::Tensor>& t, acc_t fill,
+                                  int64_t channels) {
   if (t.has_value() && t->defined()) {
     return channel_values<acc_t>(*t);
   }
@@ -384,7 +383,8 @@ struct Broadcast {
 // slots i .. i + Vec::size().
 template <template <typename> class Coeffs, typename acc_t>
 struct Columns {
-  static constexpr size_t kFields = std::tuple_size_v<decltype(fields(std::declval<Coeffs<acc_t>>()))>;
+  static constexpr size_t kFields =
+      std::tuple_size_v<decltype(fields(std::declval<Coeffs<acc_t>>()))>;
   std::array<std::vector<acc_t>, kFields> columns;
 
   Columns(const std::vector<Coeffs<acc_t>>& per_channel, const RowGroups& g) {
@@ -436,7 +436,8 @@ void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>
   if (g.layout == Layout::ChannelPlanes) {
     at::parallel_for(0, g.batch * g.channels, grain(g.spatial), [&](int64_t begin, int64_t end) {
       for_each_run_backwards(begin, end, g.spatial * int64_t(sizeof(scalar_t)), [&](int64_t plane) {
-        run(plane * g.spatial, g.spatial, Broadcast<Coeffs, acc_t>(per_channel[plane % g.channels]));
+        run(plane * g.spatial, g.spatial,
+            Broadcast<Coeffs, acc_t>(per_channel[plane % g.channels]));
       });
       streaming_fence();
     });
@@ -448,16 +449,15 @@ void for_each_run(const Geometry& g, const std::vector<Coeffs<acc_type<scalar_t>
   groups.rows *= repeat;
   groups.width *= repeat;
   const Columns<Coeffs, acc_t> columns(per_channel, groups);
-  at::parallel_for(0, at::divup(g.rows(), groups.rows), grain(groups.width),
-                   [&](int64_t begin, int64_t end) {
-                     for_each_run_backwards(
-                         begin, end, groups.width * int64_t(sizeof(scalar_t)), [&](int64_t group) {
-                           const int64_t row = group * groups.rows;
-                           run(row * g.channels, std::min(groups.rows, g.rows() - row) * g.channels,
-                               columns);
-                         });
-                     streaming_fence();
-                   });
+  at::parallel_for(
+      0, at::divup(g.rows(), groups.rows), grain(groups.width), [&](int64_t begin, int64_t end) {
+        for_each_run_backwards(
+            begin, end, groups.width * int64_t(sizeof(scalar_t)), [&](int64_t group) {
+              const int64_t row = group * groups.rows;
+              run(row * g.channels, std::min(groups.rows, g.rows() - row) * g.channels, columns);
+            });
+        streaming_fence();
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,7 +528,8 @@ std::vector<Welford<acc_type<scalar_t>>> plane_moments(const scalar_t* x, const 
         for (int64_t n = 0; n < g.batch; ++n) {
           for (int64_t offset = 0; offset < g.spatial; offset += kChunk) {
             const int64_t len = std::min(kChunk, g.spatial - offset);
-            w = math::welford_merge(w, chunk_moments(channel + n * plane_stride + offset, 1, 0, len));
+            w = math::welford_merge(w,
+                                    chunk_moments(channel + n * plane_stride + offset, 1, 0, len));
           }
         }
       } else {
@@ -559,51 +560,52 @@ std::vector<Welford<acc_type<scalar_t>>> row_moments(const scalar_t* x, const Ge
   const int64_t scratch_size = 3 * (groups.width + g.channels);
   std::vector<acc_t> scratch(blocks * scratch_size);
 
-  parallel_row_chunks(g.rows(), blocks, chunk_rows(groups), [&](int64_t b, int64_t begin, int64_t end) {
-    acc_t* slot_sum = scratch.data() + b * scratch_size;  // first-pass sums, then the shift
-    acc_t* slot_d = slot_sum + groups.width;
-    acc_t* slot_d2 = slot_d + groups.width;
-    acc_t* shift = slot_d2 + groups.width;
-    acc_t* sum_d = shift + g.channels;
-    acc_t* sum_d2 = sum_d + g.channels;
-    std::fill(slot_sum, slot_sum + 3 * groups.width, acc_t(0));
-    reduce_columns<scalar_t, 1>(
-        groups, begin, end, {slot_sum},
-        [&](auto& acc, int64_t, int64_t offset) {
-          const auto v = B::load(x + offset);
-          for (int k = 0; k < B::kVecs; ++k) {
-            acc[0][k] += v[k];
-          }
-        },
-        [&](int64_t s, int64_t offset) { slot_sum[s] += static_cast<acc_t>(x[offset]); });
-    fold(slot_sum, groups, shift);
-    for (int64_t c = 0; c < g.channels; ++c) {
-      shift[c] /= static_cast<acc_t>(end - begin);
-    }
-    tile(shift, groups, slot_sum);
-    reduce_columns<scalar_t, 2>(
-        groups, begin, end, {slot_d, slot_d2},
-        [&](auto& acc, int64_t i, int64_t offset) {
-          const auto v = B::load(x + offset);
-          for (int k = 0; k < B::kVecs; ++k) {
-            const Vec d = v[k] - Vec::loadu(slot_sum + i + k * Vec::size());
-            acc[0][k] += d;
-            acc[1][k] = at::vec::fmadd(d, d, acc[1][k]);
-          }
-        },
-        [&](int64_t s, int64_t offset) {
-          const acc_t d = static_cast<acc_t>(x[offset]) - slot_sum[s];
-          slot_d[s] += d;
-          slot_d2[s] += d * d;
-        });
-    fold(slot_d, groups, sum_d);
-    fold(slot_d2, groups, sum_d2);
-    for (int64_t c = 0; c < g.channels; ++c) {
-      auto& w = partial[b * g.channels + c];
-      w = math::welford_merge(
-          w, math::welford_from_shifted_sums(end - begin, shift[c], sum_d[c], sum_d2[c]));
-    }
-  });
+  parallel_row_chunks(
+      g.rows(), blocks, chunk_rows(groups), [&](int64_t b, int64_t begin, int64_t end) {
+        acc_t* slot_sum = scratch.data() + b * scratch_size;  // first-pass sums, then the shift
+        acc_t* slot_d = slot_sum + groups.width;
+        acc_t* slot_d2 = slot_d + groups.width;
+        acc_t* shift = slot_d2 + groups.width;
+        acc_t* sum_d = shift + g.channels;
+        acc_t* sum_d2 = sum_d + g.channels;
+        std::fill(slot_sum, slot_sum + 3 * groups.width, acc_t(0));
+        reduce_columns<scalar_t, 1>(
+            groups, begin, end, {slot_sum},
+            [&](auto& acc, int64_t, int64_t offset) {
+              const auto v = B::load(x + offset);
+              for (int k = 0; k < B::kVecs; ++k) {
+                acc[0][k] += v[k];
+              }
+            },
+            [&](int64_t s, int64_t offset) { slot_sum[s] += static_cast<acc_t>(x[offset]); });
+        fold(slot_sum, groups, shift);
+        for (int64_t c = 0; c < g.channels; ++c) {
+          shift[c] /= static_cast<acc_t>(end - begin);
+        }
+        tile(shift, groups, slot_sum);
+        reduce_columns<scalar_t, 2>(
+            groups, begin, end, {slot_d, slot_d2},
+            [&](auto& acc, int64_t i, int64_t offset) {
+              const auto v = B::load(x + offset);
+              for (int k = 0; k < B::kVecs; ++k) {
+                const Vec d = v[k] - Vec::loadu(slot_sum + i + k * Vec::size());
+                acc[0][k] += d;
+                acc[1][k] = at::vec::fmadd(d, d, acc[1][k]);
+              }
+            },
+            [&](int64_t s, int64_t offset) {
+              const acc_t d = static_cast<acc_t>(x[offset]) - slot_sum[s];
+              slot_d[s] += d;
+              slot_d2[s] += d * d;
+            });
+        fold(slot_d, groups, sum_d);
+        fold(slot_d2, groups, sum_d2);
+        for (int64_t c = 0; c < g.channels; ++c) {
+          auto& w = partial[b * g.channels + c];
+          w = math::welford_merge(
+              w, math::welford_from_shifted_sums(end - begin, shift[c], sum_d[c], sum_d2[c]));
+        }
+      });
 
   std::vector<Welford<acc_t>> moments(partial.begin(), partial.begin() + g.channels);
   for (int64_t b = 1; b < blocks; ++b) {
@@ -716,10 +718,10 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
 // The sums over every channel of ChannelsLast input: slot sums per chunk, added to the row range's
 // per-channel totals, which are added up in order at the end. With `dz`, as plane_grad_sums.
 template <Activation act, typename scalar_t>
-GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x,
-                                           const Geometry& g,
-                                           const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& z,
-                                           acc_type<scalar_t> slope, scalar_t* dz, bool streaming) {
+GradSums<acc_type<scalar_t>> row_grad_sums(
+    const scalar_t* dy, const scalar_t* x, const Geometry& g,
+    const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& z, acc_type<scalar_t> slope,
+    scalar_t* dz, bool streaming) {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
@@ -733,50 +735,51 @@ GradSums<acc_type<scalar_t>> row_grad_sums(const scalar_t* dy, const scalar_t* x
   const int64_t scratch_size = 4 * g.channels + 2 * groups.width;
   std::vector<acc_t> scratch(blocks * scratch_size, acc_t(0));
 
-  parallel_row_chunks(g.rows(), blocks, chunk_rows(groups), [&](int64_t b, int64_t begin, int64_t end) {
-    acc_t* total_dy = scratch.data() + b * scratch_size;
-    acc_t* total_dy_xmu = total_dy + g.channels;
-    acc_t* chunk_dy = total_dy_xmu + g.channels;
-    acc_t* chunk_dy_xmu = chunk_dy + g.channels;
-    acc_t* slot_dy = chunk_dy_xmu + g.channels;
-    acc_t* slot_dy_xmu = slot_dy + groups.width;
-    std::fill(slot_dy, slot_dy + 2 * groups.width, acc_t(0));
-    reduce_columns<scalar_t, 2>(
-        groups, begin, end, {slot_dy, slot_dy_xmu},
-        [&](auto& acc, int64_t i, int64_t offset) {
-          const auto v = B::load(x + offset);
-          auto d = B::load(dy + offset);
-          for (int k = 0; k < B::kVecs; ++k) {
-            const int64_t slot = i + k * Vec::size();
-            if constexpr (act != Activation::Identity) {
-              d[k] = math::pre_activation_grad<act>(d[k], v[k], slot_z.template get<Vec>(slot),
-                                                    slope_vec);
-            }
-            acc[0][k] += d[k];
-            acc[1][k] = at::vec::fmadd(d[k], v[k] - Vec::loadu(slot_mean + slot), acc[1][k]);
-          }
-          if (dz != nullptr) {
-            B::store(dz + offset, d, streaming);
-          }
-        },
-        [&](int64_t s, int64_t offset) {
-          const acc_t d = math::pre_activation_grad<act>(
-              static_cast<acc_t>(dy[offset]), static_cast<acc_t>(x[offset]),
-              slot_z.template get<acc_t>(s), slope);
-          if (dz != nullptr) {
-            dz[offset] = static_cast<scalar_t>(d);
-          }
-          slot_dy[s] += d;
-          slot_dy_xmu[s] += d * (static_cast<acc_t>(x[offset]) - slot_mean[s]);
-        });
-    fold(slot_dy, groups, chunk_dy);
-    fold(slot_dy_xmu, groups, chunk_dy_xmu);
-    for (int64_t c = 0; c < g.channels; ++c) {
-      total_dy[c] += chunk_dy[c];
-      total_dy_xmu[c] += chunk_dy_xmu[c];
-    }
-    streaming_fence();
-  });
+  parallel_row_chunks(
+      g.rows(), blocks, chunk_rows(groups), [&](int64_t b, int64_t begin, int64_t end) {
+        acc_t* total_dy = scratch.data() + b * scratch_size;
+        acc_t* total_dy_xmu = total_dy + g.channels;
+        acc_t* chunk_dy = total_dy_xmu + g.channels;
+        acc_t* chunk_dy_xmu = chunk_dy + g.channels;
+        acc_t* slot_dy = chunk_dy_xmu + g.channels;
+        acc_t* slot_dy_xmu = slot_dy + groups.width;
+        std::fill(slot_dy, slot_dy + 2 * groups.width, acc_t(0));
+        reduce_columns<scalar_t, 2>(
+            groups, begin, end, {slot_dy, slot_dy_xmu},
+            [&](auto& acc, int64_t i, int64_t offset) {
+              const auto v = B::load(x + offset);
+              auto d = B::load(dy + offset);
+              for (int k = 0; k < B::kVecs; ++k) {
+                const int64_t slot = i + k * Vec::size();
+                if constexpr (act != Activation::Identity) {
+                  d[k] = math::pre_activation_grad<act>(d[k], v[k], slot_z.template get<Vec>(slot),
+                                                        slope_vec);
+                }
+                acc[0][k] += d[k];
+                acc[1][k] = at::vec::fmadd(d[k], v[k] - Vec::loadu(slot_mean + slot), acc[1][k]);
+              }
+              if (dz != nullptr) {
+                B::store(dz + offset, d, streaming);
+              }
+            },
+            [&](int64_t s, int64_t offset) {
+              const acc_t d = math::pre_activation_grad<act>(static_cast<acc_t>(dy[offset]),
+                                                             static_cast<acc_t>(x[offset]),
+                                                             slot_z.template get<acc_t>(s), slope);
+              if (dz != nullptr) {
+                dz[offset] = static_cast<scalar_t>(d);
+              }
+              slot_dy[s] += d;
+              slot_dy_xmu[s] += d * (static_cast<acc_t>(x[offset]) - slot_mean[s]);
+            });
+        fold(slot_dy, groups, chunk_dy);
+        fold(slot_dy_xmu, groups, chunk_dy_xmu);
+        for (int64_t c = 0; c < g.channels; ++c) {
+          total_dy[c] += chunk_dy[c];
+          total_dy_xmu[c] += chunk_dy_xmu[c];
+        }
+        streaming_fence();
+      });
 
   GradSums<acc_t> sums{std::vector<acc_t>(g.channels, acc_t(0)),
                        std::vector<acc_t>(g.channels, acc_t(0))};
@@ -805,8 +808,8 @@ C10_ALWAYS_INLINE void grad_input_run(const scalar_t* dy, const scalar_t* x, sca
       [&](int64_t i, const typename B::Vecs& v) {
         auto d = B::load(dy_run + i);
         for (int k = 0; k < B::kVecs; ++k) {
-          d[k] = math::fused_backward_element<act>(d[k], v[k],
-                                                   c.template get<Vec>(i + k * Vec::size()), slope_vec);
+          d[k] = math::fused_backward_element<act>(
+              d[k], v[k], c.template get<Vec>(i + k * Vec::size()), slope_vec);
         }
         B::store(dx_run + i, d, streaming);
       },
@@ -864,7 +867,8 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   using acc_t = acc_type<scalar_t>;
   const int64_t count = g.per_channel();
   // grad_input's pass reads dy and x and writes dx.
-  const bool streaming = dx != nullptr && bound_by_memory<act>() && streams_output(3 * g.rows() * g.channels * int64_t(sizeof(scalar_t)));
+  const bool streaming = dx != nullptr && bound_by_memory<act>() &&
+                         streams_output(3 * g.rows() * g.channels * int64_t(sizeof(scalar_t)));
   // dz, the gradient through the activation, goes to dx's buffer during the reduction when the
   // element pass is to read it back rather than compute it again.
   scalar_t* dz = stores_activation_grad<act, scalar_t>() && sums != nullptr ? dx : nullptr;
@@ -914,9 +918,10 @@ void backward_kernel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   if (dx != nullptr) {
     std::vector<BackwardCoeffs<acc_t>> coeffs(g.channels);
     for (int64_t c = 0; c < g.channels; ++c) {
-      coeffs[c] = sums != nullptr
-                      ? channel_backward_coeffs(params, c, sums->dy[c], sums->dy_xmu[c], count, train)
-                      : channel_backward_coeffs(params, c, acc_t(0), acc_t(0), count, train);
+      coeffs[c] =
+          sums != nullptr
+              ? channel_backward_coeffs(params, c, sums->dy[c], sums->dy_xmu[c], count, train)
+              : channel_backward_coeffs(params, c, acc_t(0), acc_t(0), count, train);
     }
     if (dz != nullptr) {
       grad_input_pass<Activation::Identity>(dz, x, dx, g, coeffs, slope, streaming);
@@ -936,48 +941,52 @@ void write_channels(const std::vector<acc_t>& values, const at::Tensor& out) {
 
 void batch_stats(const at::Tensor& x, const Geometry& g, double eps, const at::Tensor& mean,
                  const at::Tensor& invstd) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::batch_stats", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* data = x.const_data_ptr<scalar_t>();
-    const auto moments =
-        g.layout == Layout::ChannelPlanes ? plane_moments(data, g) : row_moments(data, g);
-    acc_t* means = mean.mutable_data_ptr<acc_t>();
-    acc_t* invstds = invstd.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < g.channels; ++c) {
-      means[c] = moments[c].mean;
-      invstds[c] =
-          math::invstd_from_var(math::welford_biased_var(moments[c]), static_cast<acc_t>(eps));
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::batch_stats", [&] {
+        using acc_t = acc_type<scalar_t>;
+        const scalar_t* data = x.const_data_ptr<scalar_t>();
+        const auto moments =
+            g.layout == Layout::ChannelPlanes ? plane_moments(data, g) : row_moments(data, g);
+        acc_t* means = mean.mutable_data_ptr<acc_t>();
+        acc_t* invstds = invstd.mutable_data_ptr<acc_t>();
+        for (int64_t c = 0; c < g.channels; ++c) {
+          means[c] = moments[c].mean;
+          invstds[c] =
+              math::invstd_from_var(math::welford_biased_var(moments[c]), static_cast<acc_t>(eps));
+        }
+      });
 }
 
 void normalize(const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
                const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-               const c10::optional<at::Tensor>& bias, const Fused& fused, const at::Tensor& output) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::normalize", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto means = channel_values<acc_t>(mean);
-    const auto invstds = channel_values<acc_t>(invstd);
-    const auto weights = channel_values<acc_t>(weight, acc_t(1), g.channels);
-    const auto biases = channel_values<acc_t>(bias, acc_t(0), g.channels);
-    std::vector<NormalizeCoeffs<acc_t>> coeffs(g.channels);
-    for (int64_t c = 0; c < g.channels; ++c) {
-      coeffs[c] = math::normalize_coeffs(means[c], invstds[c], weights[c], biases[c]);
-    }
-    math::visit_activation(fused.activation, [&](auto act) {
-      constexpr Activation activation = decltype(act)::value;
-      normalize_kernel<activation>(
-          x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, coeffs,
-          static_cast<acc_t>(fused.param),
-          bound_by_memory<activation>() && streams_output(2 * int64_t(x.nbytes())));
-    });
-  });
+               const c10::optional<at::Tensor>& bias, const Fused& fused,
+               const at::Tensor& output) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::normalize", [&] {
+        using acc_t = acc_type<scalar_t>;
+        const auto means = channel_values<acc_t>(mean);
+        const auto invstds = channel_values<acc_t>(invstd);
+        const auto weights = channel_values<acc_t>(weight, acc_t(1), g.channels);
+        const auto biases = channel_values<acc_t>(bias, acc_t(0), g.channels);
+        std::vector<NormalizeCoeffs<acc_t>> coeffs(g.channels);
+        for (int64_t c = 0; c < g.channels; ++c) {
+          coeffs[c] = math::normalize_coeffs(means[c], invstds[c], weights[c], biases[c]);
+        }
+        math::visit_activation(fused.activation, [&](auto act) {
+          constexpr Activation activation = decltype(act)::value;
+          normalize_kernel<activation>(
+              x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g, coeffs,
+              static_cast<acc_t>(fused.param),
+              bound_by_memory<activation>() && streams_output(2 * int64_t(x.nbytes())));
+        });
+      });
 }
 
 void backward(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const at::Tensor& mean,
               const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
               const c10::optional<at::Tensor>& bias, const Fused& fused, bool train,
-              const at::Tensor& grad_input, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+              const at::Tensor& grad_input, const at::Tensor& sum_dy,
+              const at::Tensor& sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::backward", [&] {
     using acc_t = acc_type<scalar_t>;
     // invstd, weight and bias serve grad_input and a fused activation only; backward_reduce
@@ -987,8 +996,7 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, cons
       return need_params ? values() : std::vector<acc_t>();
     };
     const ChannelParams<acc_t> params{
-        channel_values<acc_t>(mean),
-        params_or_empty([&] { return channel_values<acc_t>(invstd); }),
+        channel_values<acc_t>(mean), params_or_empty([&] { return channel_values<acc_t>(invstd); }),
         params_or_empty([&] { return channel_values<acc_t>(weight, acc_t(1), g.channels); }),
         params_or_empty([&] { return channel_values<acc_t>(bias, acc_t(0), g.channels); }),
         static_cast<acc_t>(fused.param)};
@@ -1011,23 +1019,24 @@ void backward_elemt(const at::Tensor& dy, const at::Tensor& x, const Geometry& g
                     const at::Tensor& mean, const at::Tensor& invstd,
                     const c10::optional<at::Tensor>& weight, const at::Tensor& mean_dy,
                     const at::Tensor& mean_dy_xmu, const at::Tensor& grad_input) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::backward_elemt", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto means = channel_values<acc_t>(mean);
-    const auto invstds = channel_values<acc_t>(invstd);
-    const auto weights = channel_values<acc_t>(weight, acc_t(1), g.channels);
-    const auto mean_dys = channel_values<acc_t>(mean_dy);
-    const auto mean_dy_xmus = channel_values<acc_t>(mean_dy_xmu);
-    std::vector<BackwardCoeffs<acc_t>> coeffs(g.channels);
-    for (int64_t c = 0; c < g.channels; ++c) {
-      coeffs[c] = math::backward_coeffs(means[c], invstds[c], weights[c], mean_dys[c],
-                                        mean_dy_xmus[c], true);
-    }
-    grad_input_pass<Activation::Identity>(dy.const_data_ptr<scalar_t>(),
-                                          x.const_data_ptr<scalar_t>(),
-                                          grad_input.mutable_data_ptr<scalar_t>(), g, coeffs,
-                                          acc_t(0), streams_output(3 * int64_t(x.nbytes())));
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "ckbn::backward_elemt", [&] {
+        using acc_t = acc_type<scalar_t>;
+        const auto means = channel_values<acc_t>(mean);
+        const auto invstds = channel_values<acc_t>(invstd);
+        const auto weights = channel_values<acc_t>(weight, acc_t(1), g.channels);
+        const auto mean_dys = channel_values<acc_t>(mean_dy);
+        const auto mean_dy_xmus = channel_values<acc_t>(mean_dy_xmu);
+        std::vector<BackwardCoeffs<acc_t>> coeffs(g.channels);
+        for (int64_t c = 0; c < g.channels; ++c) {
+          coeffs[c] = math::backward_coeffs(means[c], invstds[c], weights[c], mean_dys[c],
+                                            mean_dy_xmus[c], true);
+        }
+        grad_input_pass<Activation::Identity>(dy.const_data_ptr<scalar_t>(),
+                                              x.const_data_ptr<scalar_t>(),
+                                              grad_input.mutable_data_ptr<scalar_t>(), g, coeffs,
+                                              acc_t(0), streams_output(3 * int64_t(x.nbytes())));
+      });
 }
 
 }  // namespace

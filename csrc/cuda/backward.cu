@@ -15,7 +15,8 @@ void run_grad_input(BackwardElementwise<scalar_t, acc_type<scalar_t>, act> eleme
                     const at::Tensor& grad_input, const Geometry& g, const at::Tensor& view) {
   element.out = grad_input.data_ptr<scalar_t>();
   run_grad_elementwise(
-      element, plan_grad_elementwise<scalar_t, act>(g, {element.x, element.dy, element.out}, view), g);
+      element, plan_grad_elementwise<scalar_t, act>(g, {element.x, element.dy, element.out}, view),
+      g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -50,64 +51,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     grad_weight.zero_();
     grad_bias.zero_();
   } else if (needs_reduction || need_input) {  // else grad_input is empty: nothing to launch
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward", [&] {
-      math::visit_activation(fused_activation, [&](auto act) {
-        using acc_t = acc_type<scalar_t>;
-        constexpr math::Activation kAct = decltype(act)::value;
-        BackwardElementwise<scalar_t, acc_t, kAct> element{view.const_data_ptr<scalar_t>(),
-                                                           dy.const_data_ptr<scalar_t>(),
-                                                           nullptr,
-                                                           mean_c.const_data_ptr<acc_t>(),
-                                                           invstd_c.const_data_ptr<acc_t>(),
-                                                           channel_param<scalar_t, acc_t>(weight_c, 1.0),
-                                                           nullptr,
-                                                           nullptr,
-                                                           acc_t(1) / static_cast<acc_t>(g.per_channel()),
-                                                           train,
-                                                           channel_param<scalar_t, acc_t>(bias_c, 0.0),
-                                                           static_cast<acc_t>(activation_param)};
-        if (!needs_reduction) {
-          run_grad_input(element, grad_input, g, view);
-          return;
-        }
-        const std::initializer_list<const void*> pointers{
-            element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr};
-        const plan::Plan split_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view);
-        plan::Plan fused_plan;
-        bool fused = false;
-        if (need_input) {
-          // A unit holding a whole channel can write its grad_input in the same kernel, while the
-          // channel's data is still in L2: fused when the planner finds that cheaper.
-          fused_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view, /*max_splits=*/1);
-          fused = plan::fuse_backward(plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward", [&] {
+          math::visit_activation(fused_activation, [&](auto act) {
+            using acc_t = acc_type<scalar_t>;
+            constexpr math::Activation kAct = decltype(act)::value;
+            BackwardElementwise<scalar_t, acc_t, kAct> element{
+                view.const_data_ptr<scalar_t>(),
+                dy.const_data_ptr<scalar_t>(),
+                nullptr,
+                mean_c.const_data_ptr<acc_t>(),
+                invstd_c.const_data_ptr<acc_t>(),
+                channel_param<scalar_t, acc_t>(weight_c, 1.0),
+                nullptr,
+                nullptr,
+                acc_t(1) / static_cast<acc_t>(g.per_channel()),
+                train,
+                channel_param<scalar_t, acc_t>(bias_c, 0.0),
+                static_cast<acc_t>(activation_param)};
+            if (!needs_reduction) {
+              run_grad_input(element, grad_input, g, view);
+              return;
+            }
+            const std::initializer_list<const void*> pointers{
+                element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr};
+            const plan::Plan split_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view);
+            plan::Plan fused_plan;
+            bool fused = false;
+            if (need_input) {
+              // A unit holding a whole channel can write its grad_input in the same kernel, while
+              // the channel's data is still in L2: fused when the planner finds that cheaper.
+              fused_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view, /*max_splits=*/1);
+              fused =
+                  plan::fuse_backward(plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
                                       plan_grad_elementwise<scalar_t, kAct>(g, pointers, view),
                                       device_info(view.get_device()).l2_bytes);
-        }
-        GradReduction<scalar_t, acc_t, kAct> red{element.x,
-                                                 element.dy,
-                                                 element.mean,
-                                                 element.invstd,
-                                                 nullptr,
-                                                 nullptr,
-                                                 channel_output<scalar_t, acc_t>(grad_weight, need_weight),
-                                                 channel_output<scalar_t, acc_t>(grad_bias, need_bias),
-                                                 element};
-        at::Tensor sums;
-        if (fused) {
-          red.element.out = grad_input.data_ptr<scalar_t>();
-        } else if (need_input && train) {
-          sums = at::empty({2, g.channels}, mean_c.options());
-          red.sum_dy = sums[0].data_ptr<acc_t>();
-          red.sum_dy_xmu = sums[1].data_ptr<acc_t>();
-          element.dy_term = red.sum_dy;
-          element.dy_xmu_term = red.sum_dy_xmu;
-        }
-        run_grad_reduction(red, fused ? fused_plan : split_plan, g, view);
-        if (need_input && !fused) {
-          run_grad_input(element, grad_input, g, view);
-        }
-      });
-    });
+            }
+            GradReduction<scalar_t, acc_t, kAct> red{
+                element.x,
+                element.dy,
+                element.mean,
+                element.invstd,
+                nullptr,
+                nullptr,
+                channel_output<scalar_t, acc_t>(grad_weight, need_weight),
+                channel_output<scalar_t, acc_t>(grad_bias, need_bias),
+                element};
+            at::Tensor sums;
+            if (fused) {
+              red.element.out = grad_input.data_ptr<scalar_t>();
+            } else if (need_input && train) {
+              sums = at::empty({2, g.channels}, mean_c.options());
+              red.sum_dy = sums[0].data_ptr<acc_t>();
+              red.sum_dy_xmu = sums[1].data_ptr<acc_t>();
+              element.dy_term = red.sum_dy;
+              element.dy_xmu_term = red.sum_dy_xmu;
+            }
+            run_grad_reduction(red, fused ? fused_plan : split_plan, g, view);
+            if (need_input && !fused) {
+              run_grad_input(element, grad_input, g, view);
+            }
+          });
+        });
   }
   if (need_input) {
     grad_input = in_output_format(grad_input, input);
@@ -132,16 +137,20 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
     sum_dy_xmu.zero_();
     return {sum_dy, sum_dy_xmu};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward_reduce", [&] {
-    using acc_t = acc_type<scalar_t>;
-    GradReduction<scalar_t, acc_t> red{};
-    red.x = view.const_data_ptr<scalar_t>();
-    red.dy = dy.const_data_ptr<scalar_t>();
-    red.mean = mean_c.const_data_ptr<acc_t>();
-    red.sum_dy = sum_dy.data_ptr<acc_t>();
-    red.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
-    run_grad_reduction(red, plan_grad_reduction<scalar_t, math::Activation::Identity>(g, {red.x, red.dy}, view), g, view);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward_reduce", [&] {
+        using acc_t = acc_type<scalar_t>;
+        GradReduction<scalar_t, acc_t> red{};
+        red.x = view.const_data_ptr<scalar_t>();
+        red.dy = dy.const_data_ptr<scalar_t>();
+        red.mean = mean_c.const_data_ptr<acc_t>();
+        red.sum_dy = sum_dy.data_ptr<acc_t>();
+        red.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
+        run_grad_reduction(
+            red,
+            plan_grad_reduction<scalar_t, math::Activation::Identity>(g, {red.x, red.dy}, view), g,
+            view);
+      });
   return {sum_dy, sum_dy_xmu};
 }
 
@@ -164,20 +173,22 @@ at::Tensor backward_elemt_cuda(const at::Tensor& grad_output, const at::Tensor& 
   const at::Tensor invstd_c = invstd.contiguous();
   const at::Tensor mean_dy_c = mean_dy.contiguous();
   const at::Tensor mean_dy_xmu_c = mean_dy_xmu.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_backward_elemt", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const BackwardElementwise<scalar_t, acc_t> element{view.const_data_ptr<scalar_t>(),
-                                                       dy.const_data_ptr<scalar_t>(),
-                                                       nullptr,
-                                                       mean_c.const_data_ptr<acc_t>(),
-                                                       invstd_c.const_data_ptr<acc_t>(),
-                                                       channel_param<scalar_t, acc_t>(weight_c, 1.0),
-                                                       mean_dy_c.const_data_ptr<acc_t>(),
-                                                       mean_dy_xmu_c.const_data_ptr<acc_t>(),
-                                                       acc_t(1),
-                                                       true};
-    run_grad_input(element, grad_input, g, view);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "ckbn_backward_elemt", [&] {
+                                    using acc_t = acc_type<scalar_t>;
+                                    const BackwardElementwise<scalar_t, acc_t> element{
+                                        view.const_data_ptr<scalar_t>(),
+                                        dy.const_data_ptr<scalar_t>(),
+                                        nullptr,
+                                        mean_c.const_data_ptr<acc_t>(),
+                                        invstd_c.const_data_ptr<acc_t>(),
+                                        channel_param<scalar_t, acc_t>(weight_c, 1.0),
+                                        mean_dy_c.const_data_ptr<acc_t>(),
+                                        mean_dy_xmu_c.const_data_ptr<acc_t>(),
+                                        acc_t(1),
+                                        true};
+                                    run_grad_input(element, grad_input, g, view);
+                                  });
   return in_output_format(grad_input, input);
 }
 

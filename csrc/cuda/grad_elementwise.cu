@@ -17,11 +17,12 @@ void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>
   run_elementwise(op, p, g);
 }
 
-#define CKBN_INSTANTIATE(scalar_t, act)                                                      \
-  template plan::Plan plan_grad_elementwise<scalar_t, act>(                                  \
-      const Geometry&, std::initializer_list<const void*>, const at::Tensor&);               \
-  template void run_grad_elementwise<scalar_t, act>(                                         \
-      const BackwardElementwise<scalar_t, acc_type<scalar_t>, act>&, const plan::Plan&, const Geometry&);
+#define CKBN_INSTANTIATE(scalar_t, act)                                                 \
+  template plan::Plan plan_grad_elementwise<scalar_t, act>(                             \
+      const Geometry&, std::initializer_list<const void*>, const at::Tensor&);          \
+  template void run_grad_elementwise<scalar_t, act>(                                    \
+      const BackwardElementwise<scalar_t, acc_type<scalar_t>, act>&, const plan::Plan&, \
+      const Geometry&);
 CKBN_FOR_EACH_DTYPE_AND_ACTIVATION(CKBN_INSTANTIATE)
 #undef CKBN_INSTANTIATE
 

@@ -9,7 +9,8 @@ namespace gpu {
 template <typename scalar_t, math::Activation act>
 plan::Plan plan_grad_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
                                const at::Tensor& on, int64_t max_splits) {
-  return plan_reduction<GradReduction<scalar_t, acc_type<scalar_t>, act>>(g, pointers, on, max_splits);
+  return plan_reduction<GradReduction<scalar_t, acc_type<scalar_t>, act>>(g, pointers, on,
+                                                                          max_splits);
 }
 
 template <typename scalar_t, math::Activation act>
@@ -18,10 +19,10 @@ void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>, act>& 
   run_reduction(red, p, g, like);
 }
 
-#define CKBN_INSTANTIATE(scalar_t, act)                                                          \
-  template plan::Plan plan_grad_reduction<scalar_t, act>(                                        \
-      const Geometry&, std::initializer_list<const void*>, const at::Tensor&, int64_t);          \
-  template void run_grad_reduction<scalar_t, act>(                                               \
+#define CKBN_INSTANTIATE(scalar_t, act)                                                            \
+  template plan::Plan plan_grad_reduction<scalar_t, act>(                                          \
+      const Geometry&, std::initializer_list<const void*>, const at::Tensor&, int64_t);            \
+  template void run_grad_reduction<scalar_t, act>(                                                 \
       const GradReduction<scalar_t, acc_type<scalar_t>, act>&, const plan::Plan&, const Geometry&, \
       const at::Tensor&);
 CKBN_FOR_EACH_DTYPE_AND_ACTIVATION(CKBN_INSTANTIATE)

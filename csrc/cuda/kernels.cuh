@@ -23,12 +23,18 @@
 // grad_elementwise.cu), running_stats.cu (update_running_stats).
 #pragma once
 
+// Only Tensor's methods and the two factory functions used here, not all of ATen (ATen/ATen.h):
+// nvcc parses every header once per architecture, so ATen's thousands of operator declarations
+// would dominate the build. ATen's headers enforce the restriction.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+
 #include "ckbn.h"
 #include "launch_plan.h"
 #include "math.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -253,7 +259,8 @@ struct StatsReduction {
     return out;
   }
   template <int K>
-  __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t*, Channel) const {
+  __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t*,
+                                      Channel) const {
     if constexpr (K == 1) {
       s = math::welford_update(s, x_values[0]);
     } else {
@@ -334,8 +341,8 @@ struct GradReduction {
     }
     grad_bias.store(c, s.dy);
   }
-  __device__ __forceinline__ typename BackwardElementwise<scalar_t, acc_t, act>::Coeffs element_coeffs(
-      int64_t c, const State& s) const {
+  __device__ __forceinline__ typename BackwardElementwise<scalar_t, acc_t, act>::Coeffs
+  element_coeffs(int64_t c, const State& s) const {
     return element.coeffs_from(c, s.dy, s.dy_xmu);
   }
 };
@@ -999,7 +1006,7 @@ plan::DeviceLimits device_limits(int device) {
 // The planner's view of a kernel over `g` with `inputs` full-size inputs of `element_size` bytes.
 inline plan::Shape plan_shape(const Geometry& g, int element_size, int inputs) {
   TORCH_CHECK(g.channels < (int64_t{1} << 31), "ckbn: at most 2^31 - 1 channels are supported");
-  return plan::Shape{g.batch, g.channels, g.spatial, g.layout == Layout::ChannelsLast,
+  return plan::Shape{g.batch,      g.channels, g.spatial, g.layout == Layout::ChannelsLast,
                      element_size, inputs};
 }
 
@@ -1227,13 +1234,22 @@ void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>
                           const plan::Plan& p, const Geometry& g);
 
 // M(scalar_t, act) for each input dtype and each fused activation: the instantiations above.
+// clang-format off
+// A list of macro calls with no separators, which clang-format would indent as
+// one statement continued, a little further on each pass.
 #define CKBN_FOR_EACH_ACTIVATION(M, scalar_t)                                                 \
-  M(scalar_t, math::Activation::Identity) M(scalar_t, math::Activation::Relu)                 \
-  M(scalar_t, math::Activation::Relu6) M(scalar_t, math::Activation::LeakyRelu)               \
-  M(scalar_t, math::Activation::Silu) M(scalar_t, math::Activation::Hardswish)
+  M(scalar_t, math::Activation::Identity)                                                     \
+  M(scalar_t, math::Activation::Relu)                                                         \
+  M(scalar_t, math::Activation::Relu6)                                                        \
+  M(scalar_t, math::Activation::LeakyRelu)                                                    \
+  M(scalar_t, math::Activation::Silu)                                                         \
+  M(scalar_t, math::Activation::Hardswish)
 #define CKBN_FOR_EACH_DTYPE_AND_ACTIVATION(M)                                                 \
-  CKBN_FOR_EACH_ACTIVATION(M, double) CKBN_FOR_EACH_ACTIVATION(M, float)                      \
-  CKBN_FOR_EACH_ACTIVATION(M, at::Half) CKBN_FOR_EACH_ACTIVATION(M, at::BFloat16)
+  CKBN_FOR_EACH_ACTIVATION(M, double)                                                         \
+  CKBN_FOR_EACH_ACTIVATION(M, float)                                                          \
+  CKBN_FOR_EACH_ACTIVATION(M, at::Half)                                                       \
+  CKBN_FOR_EACH_ACTIVATION(M, at::BFloat16)
+// clang-format on
 
 }  // namespace gpu
 }  // namespace ckbn

@@ -79,14 +79,14 @@ struct Shape {
 
 struct Plan {
   bool channels_last = false;
-  int vec = 1;          // elements per load and store (a multiple of the contiguous extent)
-  int rows = 1;         // rows (planes, or channels-last rows) one thread loads before using any
-  int block_x = 1;      // block shape: block_x * block_y == kThreads
+  int vec = 1;      // elements per load and store (a multiple of the contiguous extent)
+  int rows = 1;     // rows (planes, or channels-last rows) one thread loads before using any
+  int block_x = 1;  // block shape: block_x * block_y == kThreads
   int block_y = 1;
-  int64_t grid = 1;     // blocks (a 1-D grid)
-  int64_t tiles = 1;    // channel tiles: C (planes) or ceil(C / vec / block_x) (channels_last)
-  int64_t splits = 1;   // units per tile: blocks sharing one channel's elements
-  int64_t units = 1;    // tiles * splits; block b takes units b, b + grid, ... (grid-stride)
+  int64_t grid = 1;          // blocks (a 1-D grid)
+  int64_t tiles = 1;         // channel tiles: C (planes) or ceil(C / vec / block_x) (channels_last)
+  int64_t splits = 1;        // units per tile: blocks sharing one channel's elements
+  int64_t units = 1;         // tiles * splits; block b takes units b, b + grid, ... (grid-stride)
   bool grid_stride = false;  // units > grid: some block takes more than one unit
   // ChannelPlanes units: unit u = split * tiles + channel; split = batch_split * spatial_splits +
   // spatial_split, covering batch_chunk planes x spatial_chunk elements (a multiple of vec).
@@ -97,15 +97,15 @@ struct Plan {
   int64_t row_chunk = 0;
   // Wave accounting against the resident capacity multiprocessors * blocks_per_multiprocessor.
   int64_t resident_blocks = 1;
-  double waves = 0;           // grid / resident_blocks
-  int64_t rounds = 1;         // units a block takes, at most: ceil(units / grid)
-  double unit_balance = 1;    // units / (rounds * grid): 1 when every block takes as many units
-  double fill = 1;            // units / (rounds * resident_blocks): busy share of the block slots
+  double waves = 0;         // grid / resident_blocks
+  int64_t rounds = 1;       // units a block takes, at most: ceil(units / grid)
+  double unit_balance = 1;  // units / (rounds * grid): 1 when every block takes as many units
+  double fill = 1;          // units / (rounds * resident_blocks): busy share of the block slots
   // finalize_kernel after a split reduction: finalize_x channels x finalize_y lanes a block.
   int64_t finalize_grid = 0;
   int finalize_x = 1;
   int finalize_y = 1;
-  double cost = 0;            // the planner's figure of merit, in element loads per block slot
+  double cost = 0;  // the planner's figure of merit, in element loads per block slot
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -131,8 +131,10 @@ constexpr T max_of(T a, T b) {
 // inputs: about 32 bytes in flight per thread is what hides DRAM latency with a few blocks per SM.
 // At most 8 (2-byte scalar loads would need more registers than they are worth), at least 1.
 CKBN_PLAN_HOST_DEVICE constexpr int rows_per_tile(int load_bytes, int inputs) {
-  return load_bytes * inputs >= 32 ? 1 : load_bytes * inputs >= 16 ? 2
-         : load_bytes * inputs >= 8 ? 4 : 8;
+  return load_bytes * inputs >= 32   ? 1
+         : load_bytes * inputs >= 16 ? 2
+         : load_bytes * inputs >= 8  ? 4
+                                     : 8;
 }
 
 // Widest load, in elements, a kernel of `kind` may use: 16 bytes (a channels_last reduction holds

@@ -23,7 +23,8 @@ struct RunningBuffer {
       case Kind::Float:
         return static_cast<acc_t>(static_cast<const float*>(data)[i * stride]);
       case Kind::Half:
-        return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(data)[i * stride]));
+        return static_cast<acc_t>(
+            static_cast<float>(static_cast<const at::Half*>(data)[i * stride]));
       default:
         return static_cast<acc_t>(
             static_cast<float>(static_cast<const at::BFloat16*>(data)[i * stride]));
@@ -94,8 +95,8 @@ void update_running_stats_cuda(const at::Tensor& running_mean, const at::Tensor&
                                const at::Tensor& invstd, c10::optional<double> momentum, double eps,
                                int64_t count) {
   constexpr const char* op = "ckbn::update_running_stats";
-  check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd,
-                                  eps, count);
+  check_update_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd, eps,
+                                  count);
   TORCH_CHECK(mean.is_cuda(), op, ": expected mean on a CUDA device, but got ", mean.device());
   const c10::cuda::CUDAGuard guard(mean.device());
   const at::Tensor mean_c = mean.contiguous();

@@ -16,18 +16,19 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, dou
   const auto options = input.options().dtype(stats_dtype(input.scalar_type()));
   at::Tensor mean = at::empty({g.channels}, options);
   at::Tensor invstd = at::empty({g.channels}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_batch_stats", [&] {
-    using acc_t = acc_type<scalar_t>;
-    if (view.numel() == 0) {
-      mean.zero_();
-      invstd.fill_(math::invstd_from_var<acc_t>(acc_t(0), static_cast<acc_t>(eps)));
-      return;
-    }
-    using Red = StatsReduction<scalar_t, acc_t>;
-    const Red red{view.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-                  static_cast<acc_t>(eps)};
-    run_reduction(red, plan_reduction<Red>(g, {red.x}, view), g, view);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "ckbn_batch_stats", [&] {
+        using acc_t = acc_type<scalar_t>;
+        if (view.numel() == 0) {
+          mean.zero_();
+          invstd.fill_(math::invstd_from_var<acc_t>(acc_t(0), static_cast<acc_t>(eps)));
+          return;
+        }
+        using Red = StatsReduction<scalar_t, acc_t>;
+        const Red red{view.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
+                      invstd.data_ptr<acc_t>(), static_cast<acc_t>(eps)};
+        run_reduction(red, plan_reduction<Red>(g, {red.x}, view), g, view);
+      });
   return {mean, invstd};
 }
 
@@ -35,6 +36,4 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& input, dou
 }  // namespace gpu
 }  // namespace ckbn
 
-TORCH_LIBRARY_IMPL(ckbn, CUDA, m) {
-  m.impl("batch_stats", &ckbn::gpu::batch_stats_cuda);
-}
+TORCH_LIBRARY_IMPL(ckbn, CUDA, m) { m.impl("batch_stats", &ckbn::gpu::batch_stats_cuda); }

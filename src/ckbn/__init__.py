@@ -17,10 +17,10 @@ from ._backend import ACTIVE as _ACTIVE
 from ._backend import cuda_compiled
 from .block_checkpointing import CheckpointingReport, apply_checkpointing
 from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
+from .conversion import ConversionReport, convert_model
 from .distributed import SyncBatchNorm
 from .function import BatchNormFunction
 from .fusion import FusionReport, fuse
-from .conversion import ConversionReport, convert_model
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,

@@ -37,8 +37,29 @@ if _requested not in ("auto", "extension", "reference"):
     raise ImportError(f"CKBN_BACKEND must be 'auto', 'extension' or 'reference', not {_requested!r}")
 _require_extension = _requested == "extension" or os.environ.get("CKBN_REQUIRE_EXTENSION", "0") not in ("", "0")
 
+
+def built_against() -> Optional[str]:
+    """The torch version ckbn._C was compiled against, as the build recorded it; None without a build."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return _build_info.TORCH_VERSION
+
+
+def torch_mismatch(built: Optional[str], running: str) -> Optional[str]:
+    """Why a library built against torch ``built`` may not load into torch ``running``; None if it may."""
+    if built is None or built == running:
+        return None
+    return (
+        f"ckbn._C was built against torch {built} but torch {running} is loaded; "
+        "rebuild ckbn in this environment (`pip install .` from its source)"
+    )
+
+
 extension_error: Optional[BaseException] = None
 extension_loaded = False
+_mismatch = torch_mismatch(built_against(), str(torch.__version__))
 if _requested != "reference":
     try:
         from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
@@ -46,17 +67,21 @@ if _requested != "reference":
         extension_loaded = True
     except ImportError as exc:  # not built, or built against another torch
         extension_error = exc
+        reason = f"{_mismatch} ({exc})" if _mismatch else str(exc)
         if _require_extension:
             raise ImportError(
                 "ckbn: the compiled extension ckbn._C is required (CKBN_BACKEND=extension or "
-                f"CKBN_REQUIRE_EXTENSION=1) but could not be imported: {exc}"
+                f"CKBN_REQUIRE_EXTENSION=1) but could not be imported: {reason}"
             ) from exc
         if _requested == "auto":
             warnings.warn(
-                f"ckbn: compiled extension not available ({exc}); using the pure-PyTorch reference backend",
+                f"ckbn: compiled extension not available: {reason}; using the pure-PyTorch reference backend",
                 RuntimeWarning,
                 stacklevel=2,
             )
+    if extension_loaded and _mismatch:
+        # It loaded, but torch's C++ ABI is not promised across releases: a crash may come later.
+        warnings.warn(f"ckbn: {_mismatch}", RuntimeWarning, stacklevel=2)
 elif _require_extension:
     raise ImportError("ckbn: CKBN_BACKEND=reference contradicts CKBN_REQUIRE_EXTENSION=1")
 
@@ -99,17 +124,22 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("ckbn::update_running_stats")
     def _(running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count):
-        op = "ckbn::update_running_stats"
-        reference.check_eps(op, eps)
-        reference.check_devices(
-            op, mean, "mean", running_mean=running_mean, running_var=running_var,
-            num_batches_tracked=num_batches_tracked, invstd=invstd,
-        )
+        reference.check_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd, eps)
         return None
 
     @torch.library.register_fake("ckbn::backward")
-    def _(grad_output, input, mean, invstd, weight, train, output_mask, bias=None, activation="identity",
-          activation_param=0.0):
+    def _(
+        grad_output,
+        input,
+        mean,
+        invstd,
+        weight,
+        train,
+        output_mask,
+        bias=None,
+        activation="identity",
+        activation_param=0.0,
+    ):
         reference.check_devices(
             "ckbn::backward", input, grad_output=grad_output, mean=mean, invstd=invstd, weight=weight, bias=bias
         )
@@ -128,8 +158,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ckbn::backward_elemt")
     def _(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
         reference.check_devices(
-            "ckbn::backward_elemt", input, grad_output=grad_output, mean=mean, invstd=invstd, weight=weight,
-            mean_dy=mean_dy, mean_dy_xmu=mean_dy_xmu,
+            "ckbn::backward_elemt",
+            input,
+            grad_output=grad_output,
+            mean=mean,
+            invstd=invstd,
+            weight=weight,
+            mean_dy=mean_dy,
+            mean_dy_xmu=mean_dy_xmu,
         )
         return _like_input(input)
 

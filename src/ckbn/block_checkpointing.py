@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from .checkpointing import checkpoint
+from .checkpointing import SavePolicy, checkpoint
 
 # The checkpointing units of the model zoos, by (library, class name): residual blocks of ResNets,
 # inverted-residual and MBConv blocks of MobileNets and EfficientNets, DenseNet's dense layers, and
@@ -81,20 +81,21 @@ class CheckpointingReport:
     made_out_of_place: List[str] = field(default_factory=list)  # in-place modules inside, under a selective policy
 
     def __str__(self) -> str:
-        return f"ckbn.apply_checkpointing: {len(self.wrapped)} blocks checkpointed ({', '.join(sorted(set(self.classes)))})"
+        classes = ", ".join(sorted(set(self.classes)))
+        return f"ckbn.apply_checkpointing: {len(self.wrapped)} blocks checkpointed ({classes})"
 
 
 def apply_checkpointing(
-    model: nn.Module, check_fn: Optional[Callable[[nn.Module], bool]] = None, *, save=None
+    model: nn.Module, check_fn: Optional[Callable[[nn.Module], bool]] = None, *, save: SavePolicy = None
 ) -> CheckpointingReport:
     """Checkpoint, in place, every block of ``model`` for which ``check_fn(module)`` is true (default:
     :func:`is_default_block`), outermost first: a chosen block's submodules are not looked at.
 
     ``save`` is :func:`ckbn.checkpoint`'s (None: recompute everything; ``"compute"``: keep
     convolutions and matrix products); with a policy, in-place activation and dropout modules inside
-    the blocks are made out of place, as a kept output must not change afterwards. Apply it after :func:`ckbn.convert_model` and
-    :func:`ckbn.fuse`, which leave modules with a forward set on the instance alone. Returns what
-    was wrapped; a block wrapped already is not wrapped again.
+    the blocks are made out of place, as a kept output must not change afterwards. Apply it after
+    :func:`ckbn.convert_model` and :func:`ckbn.fuse`, which leave modules with a forward set on the
+    instance alone. Returns what was wrapped; a block wrapped already is not wrapped again.
     """
     check_fn = check_fn or is_default_block
     report = CheckpointingReport()

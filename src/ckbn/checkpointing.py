@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, Collection, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ def in_backward_pass() -> bool:
 
 
 @contextlib.contextmanager
-def update_running_stats_in_backward():
+def update_running_stats_in_backward() -> Iterator[None]:
     """Treat training-mode forwards inside a backward pass as real forwards, not recomputes.
 
     For the rare code that runs a BatchNorm forward from a backward hook and wants it to update
@@ -128,7 +128,7 @@ def _pop_frame(frame) -> None:
     frames = _frames()
     # Frames normally close in LIFO order; an exception unwinding several at once is tolerated.
     if frame in frames:
-        del frames[frames.index(frame):]
+        del frames[frames.index(frame) :]
 
 
 def resolve_batch_stats(compute: Callable[[], Stats], channels: int, device: torch.device) -> Tuple[Stats, bool]:
@@ -150,7 +150,7 @@ def resolve_batch_stats(compute: Callable[[], Stats], channels: int, device: tor
         stats = compute()
     else:
         stats = frames[replay_at].next_stats(channels, device)
-    for frame in frames[replay_at + 1 if replay_at is not None else 0:]:
+    for frame in frames[replay_at + 1 if replay_at is not None else 0 :]:
         frame.record.stats.append(stats)
     return stats, replay_at is not None
 
@@ -171,30 +171,45 @@ def _ops(*names: str) -> frozenset:
     return frozenset(found)
 
 
+# What `save` takes: None (recompute everything), "compute" (COMPUTE_INTENSIVE_OPS below), a
+# collection of ops to keep, or a policy callable as torch.utils.checkpoint takes it.
+SavePolicy = Optional[Union[str, Collection[Any], Callable[..., Any]]]
+
 # save="compute": ops whose outputs cost more to recompute than to keep. BatchNorm, activations,
 # adds, concatenations and pooling hold most of a CNN's activation memory for a few percent of its
 # FLOPs: those are recomputed.
 COMPUTE_INTENSIVE_OPS = _ops(
-    "convolution", "mm", "addmm", "bmm", "baddbmm", "linear",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "convolution",
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "linear",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
 )
 
 
-def _selective_policy(save):
+def _selective_policy(save: SavePolicy):
     """torch's selective-checkpoint policy (a list of ops or a callable) for ``save``, or None."""
     if save is None:
         return None
     if isinstance(save, str):
         if save != "compute":
-            raise ValueError(f"ckbn.checkpoint: save must be None, 'compute', a set of ops or a policy callable, not {save!r}")
+            raise ValueError(
+                f"ckbn.checkpoint: save must be None, 'compute', a set of ops or a policy callable, not {save!r}"
+            )
         return sorted(COMPUTE_INTENSIVE_OPS, key=str)
     if callable(save):
         return save
     try:
         return list(save)
     except TypeError:
-        raise TypeError(f"ckbn.checkpoint: save must be None, 'compute', a set of ops or a policy callable, not {save!r}") from None
+        raise TypeError(
+            f"ckbn.checkpoint: save must be None, 'compute', a set of ops or a policy callable, not {save!r}"
+        ) from None
 
 
 class _Both:
@@ -226,7 +241,7 @@ def _contexts(policy) -> Callable[[], tuple]:
     return record_replay_and_select
 
 
-def checkpoint(function: Callable, *args: Any, save=None, **kwargs: Any) -> Any:
+def checkpoint(function: Callable, *args: Any, save: SavePolicy = None, **kwargs: Any) -> Any:
     """``torch.utils.checkpoint.checkpoint`` that replays BatchNorm statistics in the recompute.
 
     Runs ``function(*args, **kwargs)`` under torch's non-reentrant checkpoint. The forward records
@@ -257,7 +272,9 @@ def checkpoint(function: Callable, *args: Any, save=None, **kwargs: Any) -> Any:
     }
     if torch.compiler.is_compiling():
         if policy is not None:
-            checkpoint_kwargs["context_fn"] = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, policy)
+            checkpoint_kwargs["context_fn"] = functools.partial(
+                torch.utils.checkpoint.create_selective_checkpoint_contexts, policy
+            )
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **checkpoint_kwargs, **kwargs)
     return torch.utils.checkpoint.checkpoint(
         function,
@@ -307,4 +324,10 @@ def checkpoint_sequential(
     return input
 
 
-__all__ = ["COMPUTE_INTENSIVE_OPS", "checkpoint", "checkpoint_sequential", "in_backward_pass", "update_running_stats_in_backward"]
+__all__ = [
+    "COMPUTE_INTENSIVE_OPS",
+    "checkpoint",
+    "checkpoint_sequential",
+    "in_backward_pass",
+    "update_running_stats_in_backward",
+]

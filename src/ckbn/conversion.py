@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from . import fusion, modules, surgery
@@ -70,7 +69,9 @@ class ConversionReport:
 
     converted: Dict[str, str] = field(default_factory=dict)  # name -> "its class -> ckbn's"
     left: Dict[str, str] = field(default_factory=dict)  # name -> why it is as it was
-    counts_twice: List[str] = field(default_factory=list)  # names in left whose statistics a checkpoint still updates twice
+    counts_twice: List[str] = field(
+        default_factory=list
+    )  # names in left whose statistics a checkpoint still updates twice
 
     def __str__(self) -> str:
         lines = [f"ckbn.convert_model: {len(self.converted)} layers converted, {len(self.left)} left"]
@@ -137,7 +138,7 @@ def _left_reason(module: nn.Module) -> Optional[str]:
 
 def convert_model(
     module: nn.Module, fuse_activations: bool = False, *, return_report: bool = False, strict: bool = False
-):
+) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
     """Convert every normalization layer of ``module`` whose running statistics ckbn can keep exact
     (see the module docstring for which and to what), recursively.
 
@@ -161,7 +162,9 @@ def convert_model(
     if report.counts_twice:
         listing = "; ".join(f"{name}: {report.left[name]}" for name in report.counts_twice)
         if strict:
-            raise TypeError(f"ckbn.convert_model(strict=True): these layers would still count a checkpointed batch twice: {listing}")
+            raise TypeError(
+                f"ckbn.convert_model(strict=True): these layers would still count a checkpointed batch twice: {listing}"
+            )
         logger.warning("ckbn.convert_model left layers that still count a checkpointed batch twice: %s", listing)
 
     if fuse_activations:

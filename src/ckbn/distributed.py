@@ -200,8 +200,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         process_group: Optional[Any] = None,
-        device=None,
-        dtype=None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group

@@ -14,7 +14,7 @@ forward and backward, whose ops have batching rules (:mod:`ckbn.batching`).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -105,7 +105,7 @@ class BatchNormFunction(torch.autograd.Function):
         return ops.normalize(input, mean, invstd, weight, bias, activation, activation_param)
 
     @staticmethod
-    def setup_context(ctx, inputs: Sequence, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: Sequence, output: Tensor) -> None:
         input, weight, bias, mean, invstd, batch_statistics, eps, activation, activation_param = inputs
         ctx.batch_statistics = batch_statistics
         ctx.eps = eps
@@ -120,7 +120,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # jvp must tell a missing tangent from a zero one
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx: Any, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
         if grad_output is None:
             return (None,) * 9
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
@@ -146,7 +146,6 @@ class BatchNormFunction(torch.autograd.Function):
                 ctx.activation_param,
             )
         return tuple(grad if needed else None for grad, needed in zip(grads, output_mask)) + (None,) * 6
-
 
 
 class _BatchNormFunctionWithJvp(BatchNormFunction):

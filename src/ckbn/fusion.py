@@ -26,7 +26,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,13 @@ _FUSED_CLASS = {
     modules.BatchNorm3d: BatchNormAct3d,
 }
 
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+_ACTIVATION_MODULES = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+}
 
 # Callable -> (activation, the names of its arguments after the input, in order).
 _ACTIVATION_FUNCTIONS = {
@@ -77,7 +83,7 @@ class FusionReport:
         return "\n".join(lines)
 
 
-def fuse(model: nn.Module, *, return_report: bool = False):
+def fuse(model: nn.Module, *, return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, FusionReport]]:
     """Fuse every BatchNorm of ``model`` whose only consumer is an activation into one
     :class:`ckbn.BatchNormAct2d` (1d, 3d); see the module docstring for how they are found.
 
@@ -114,7 +120,8 @@ def fuse(model: nn.Module, *, return_report: bool = False):
 
 def _has_hooks(module: nn.Module) -> bool:
     return any(
-        getattr(module, hooks, None) for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        getattr(module, hooks, None)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     )
 
 
@@ -264,7 +271,9 @@ class _Fuser:
             following = sequential._modules[next_key] if next_key is not None else None
             activation = _activation_of_module(following) if following is not None else None
             if following is None:
-                self.reasons[id(batch_norm)] = f"last in its {type(sequential).__name__}: the activation, if any, is outside"
+                self.reasons[id(batch_norm)] = (
+                    f"last in its {type(sequential).__name__}: the activation, if any, is outside"
+                )
             elif activation is None or _has_hooks(batch_norm):
                 self.reasons[id(batch_norm)] = f"followed by {type(following).__name__}, not a fusable activation"
             else:

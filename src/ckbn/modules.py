@@ -184,9 +184,7 @@ def batch_norm(
     if running_mean is not None and not frozen and not recompute and count > 0:
         if num_batches_tracked is None:  # the functional form keeps no count; momentum is then a float
             num_batches_tracked = torch.zeros((), dtype=torch.long, device=mean.device)
-        ops.update_running_stats(
-            running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count
-        )
+        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count)
     return output
 
 

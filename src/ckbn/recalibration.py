@@ -105,7 +105,11 @@ def _merge_across_ranks(statistics: List[_PopulationStatistics], layers: List[nn
         for row in rows:
             batches, count = int(row[offset]), int(row[offset + 1])
             if count:
-                merged.merge(count, row[offset + 2 : offset + 2 + channels], row[offset + 2 + channels : offset + 2 + 2 * channels])
+                merged.merge(
+                    count,
+                    row[offset + 2 : offset + 2 + channels],
+                    row[offset + 2 + channels : offset + 2 + 2 * channels],
+                )
                 merged.batches += batches
         statistics[index] = merged
 
@@ -131,7 +135,7 @@ def recalibrate(
     *,
     num_batches: Optional[int] = None,
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    process_group=None,
+    process_group: Optional[Any] = None,
     progress: Optional[bool] = None,
 ) -> nn.Module:
     """Set the running statistics of every ckbn BatchNorm layer of ``model`` (plain, fused,

@@ -27,13 +27,10 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_input(input: Tensor, op: str) -> None:
     if input.dtype not in _FLOAT_DTYPES:
         raise RuntimeError(
-            f"{op}: expected input of a floating dtype (float64, float32, float16 or bfloat16), "
-            f"but got {input.dtype}"
+            f"{op}: expected input of a floating dtype (float64, float32, float16 or bfloat16), but got {input.dtype}"
         )
     if input.dim() < 2:
-        raise RuntimeError(
-            f"{op}: expected input with at least 2 dimensions (N, C, *), but got {input.dim()}D input"
-        )
+        raise RuntimeError(f"{op}: expected input with at least 2 dimensions (N, C, *), but got {input.dim()}D input")
     if input.size(1) == 0:
         raise RuntimeError(f"{op}: expected input with at least one channel, but got shape {tuple(input.shape)}")
 
@@ -63,8 +60,7 @@ def _check_vector(vec: Tensor, name: str, input: Tensor, dtypes: Sequence[torch.
         raise RuntimeError(f"{op}: {name} should contain {input.size(1)} elements not {vec.numel()}")
     if vec.dtype not in dtypes:
         raise RuntimeError(
-            f"{op}: expected {name} of dtype {' or '.join(str(d) for d in dict.fromkeys(dtypes))}, "
-            f"but got {vec.dtype}"
+            f"{op}: expected {name} of dtype {' or '.join(str(d) for d in dict.fromkeys(dtypes))}, but got {vec.dtype}"
         )
 
 
@@ -173,6 +169,23 @@ def normalize(
     return out.to(input.dtype).contiguous(memory_format=_memory_format(input))
 
 
+def check_running_stats_args(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, mean: Tensor, invstd: Tensor, eps: float
+) -> None:
+    """The checks of ckbn::update_running_stats that its fake kernel shares: eps, and one device."""
+    op = "ckbn::update_running_stats"
+    check_eps(op, eps)
+    check_devices(
+        op,
+        mean,
+        "mean",
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked,
+        invstd=invstd,
+    )
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -186,15 +199,9 @@ def update_running_stats(
     op = "ckbn::update_running_stats"
     if count < 2:
         raise RuntimeError(f"{op}: expected count of at least 2, but got {count}")
-    check_eps(op, eps)
-    check_devices(
-        op, mean, "mean", running_mean=running_mean, running_var=running_var,
-        num_batches_tracked=num_batches_tracked, invstd=invstd,
-    )
+    check_running_stats_args(running_mean, running_var, num_batches_tracked, mean, invstd, eps)
     if running_mean.shape != mean.shape or running_var.shape != mean.shape or invstd.shape != mean.shape:
-        raise RuntimeError(
-            f"{op}: running_mean, running_var, mean and invstd should all have shape {list(mean.shape)}"
-        )
+        raise RuntimeError(f"{op}: running_mean, running_var, mean and invstd should all have shape {list(mean.shape)}")
     acc = mean.dtype
     if momentum is None:
         factor = 1.0 / (num_batches_tracked + 1).to(acc)

@@ -46,7 +46,9 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         elif surgery.keeps_running_stats(module):
             # convert_model's rules: a layer it converts needs converting first; one it cannot, never freezes.
             why_not = surgery.why_not_convertible(module)
-            advice = f"ckbn cannot convert it: {why_not}" if why_not else "convert the model with ckbn.convert_model first"
+            advice = (
+                f"ckbn cannot convert it: {why_not}" if why_not else "convert the model with ckbn.convert_model first"
+            )
             raise TypeError(
                 f"ckbn.frozen_running_stats: {name or 'the model'} is a {type(module).__name__}, whose running "
                 f"statistics ckbn cannot freeze; {advice}"

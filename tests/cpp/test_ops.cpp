@@ -24,16 +24,17 @@ using OptTensor = std::optional<Tensor>;
 
 // The C++ signatures the kernels are registered with (csrc/cpu/batch_norm.cpp).
 using BatchStatsFn = std::tuple<Tensor, Tensor>(const Tensor&, double);
-using NormalizeFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                           c10::string_view, double);
-using UpdateRunningStatsFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  std::optional<double>, double, int64_t);
-using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const OptTensor&, bool, std::array<bool, 3>,
-                                                      const OptTensor&, c10::string_view, double);
+using NormalizeFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                           const OptTensor&, c10::string_view, double);
+using UpdateRunningStatsFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                  const Tensor&, std::optional<double>, double, int64_t);
+using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                      const Tensor&, const OptTensor&, bool,
+                                                      std::array<bool, 3>, const OptTensor&,
+                                                      c10::string_view, double);
 using BackwardReduceFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&);
-using BackwardElemtFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                               const Tensor&, const Tensor&);
+using BackwardElemtFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                               const OptTensor&, const Tensor&, const Tensor&);
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op(const char* name) {
@@ -50,11 +51,13 @@ void check(bool ok, const std::string& what) {
 }
 
 // |actual - expected| <= atol + rtol * |expected| elementwise, after upcasting both to double.
-void check_close(const Tensor& actual, const Tensor& expected, double rtol, double atol, const std::string& what) {
-  check(actual.sizes() == expected.sizes(), what + ": shape " + c10::str(actual.sizes()) + " != " +
-                                                c10::str(expected.sizes()));
+void check_close(const Tensor& actual, const Tensor& expected, double rtol, double atol,
+                 const std::string& what) {
+  check(actual.sizes() == expected.sizes(),
+        what + ": shape " + c10::str(actual.sizes()) + " != " + c10::str(expected.sizes()));
   check(actual.scalar_type() == expected.scalar_type(),
-        what + ": dtype " + c10::toString(actual.scalar_type()) + " != " + c10::toString(expected.scalar_type()));
+        what + ": dtype " + c10::toString(actual.scalar_type()) +
+            " != " + c10::toString(expected.scalar_type()));
   const Tensor a = actual.to(at::kDouble);
   const Tensor e = expected.to(at::kDouble);
   if (!at::allclose(a, e, rtol, atol)) {
@@ -65,7 +68,8 @@ void check_close(const Tensor& actual, const Tensor& expected, double rtol, doub
 }
 
 // One input configuration: device, input dtype, and whether the input is channels_last. Parameters
-// and running statistics are float32 for bfloat16 input (as under autocast), else the input's dtype.
+// and running statistics are float32 for bfloat16 input (as under autocast), else the input's
+// dtype.
 struct Config {
   at::Device device;
   at::ScalarType dtype;
@@ -74,10 +78,12 @@ struct Config {
   double atol;
 
   std::string name() const {
-    return device.str() + "/" + c10::toString(dtype) + (channels_last ? "/channels_last" : "/contiguous");
+    return device.str() + "/" + c10::toString(dtype) +
+           (channels_last ? "/channels_last" : "/contiguous");
   }
   at::TensorOptions param_options() const {
-    return at::TensorOptions().device(device).dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
+    return at::TensorOptions().device(device).dtype(dtype == at::kDouble ? at::kDouble
+                                                                         : at::kFloat);
   }
 };
 
@@ -103,7 +109,8 @@ std::vector<Config> configs() {
 // A (4, 3, 5, 7) batch with per-channel offsets and scales, so that a statistics bug shows.
 Tensor make_input(const Config& c) {
   const auto shape_c = std::vector<int64_t>{1, 3, 1, 1};
-  Tensor x = at::randn({4, 3, 5, 7}, at::kDouble) * at::tensor({0.5, 2.0, 3.0}, at::kDouble).view(shape_c) +
+  Tensor x = at::randn({4, 3, 5, 7}, at::kDouble) *
+                 at::tensor({0.5, 2.0, 3.0}, at::kDouble).view(shape_c) +
              at::tensor({-1.0, 4.0, 10.0}, at::kDouble).view(shape_c);
   x = x.to(c.device, c.dtype);
   return c.channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
@@ -115,7 +122,8 @@ struct Params {
 
 Params make_params(const Config& c) {
   const auto opts = c.param_options();
-  return {at::rand({3}, opts) + 0.5, at::randn({3}, opts), at::randn({3}, opts), at::rand({3}, opts) + 0.5};
+  return {at::rand({3}, opts) + 0.5, at::randn({3}, opts), at::randn({3}, opts),
+          at::rand({3}, opts) + 0.5};
 }
 
 Params clone(const Params& p) {
@@ -138,15 +146,18 @@ void training_forward_matches_native() {
     const Tensor x = make_input(c);
     const Params p = make_params(c);
     const Params native = clone(p);
-    const auto [expected, save_mean, save_invstd] = at::native_batch_norm(
-        x, native.weight, native.bias, native.running_mean, native.running_var, true, kMomentum, kEps);
+    const auto [expected, save_mean, save_invstd] =
+        at::native_batch_norm(x, native.weight, native.bias, native.running_mean,
+                              native.running_var, true, kMomentum, kEps);
 
     const auto [mean, invstd] = op<BatchStatsFn>("ckbn::batch_stats").call(x, kEps);
     check_close(mean, save_mean, 1e-6, 1e-6, "mean");
     check_close(invstd, save_invstd, 1e-5, 1e-6, "invstd");
-    const Tensor y = op<NormalizeFn>("ckbn::normalize").call(x, mean, invstd, p.weight, p.bias, "identity", 0.0);
+    const Tensor y =
+        op<NormalizeFn>("ckbn::normalize").call(x, mean, invstd, p.weight, p.bias, "identity", 0.0);
     check_close(y, expected, c.rtol, c.atol, "output");
-    const auto format = c.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const auto format =
+        c.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     check(y.is_contiguous(format), "output keeps the input's memory format");
   });
 }
@@ -159,16 +170,20 @@ void update_running_stats_matches_native() {
     Params native = clone(p);
     Tensor batches = at::zeros({}, c.param_options().dtype(at::kLong));
     for (int step = 1; step <= 3; ++step) {
-      const std::optional<double> momentum = step == 2 ? std::nullopt : std::optional<double>(kMomentum);
+      const std::optional<double> momentum =
+          step == 2 ? std::nullopt : std::optional<double>(kMomentum);
       const Tensor x = make_input(c);
-      at::native_batch_norm(x, native.weight, native.bias, native.running_mean, native.running_var, true,
-                            momentum.value_or(1.0 / step), kEps);
+      at::native_batch_norm(x, native.weight, native.bias, native.running_mean, native.running_var,
+                            true, momentum.value_or(1.0 / step), kEps);
       const auto [mean, invstd] = op<BatchStatsFn>("ckbn::batch_stats").call(x, kEps);
       op<UpdateRunningStatsFn>("ckbn::update_running_stats")
-          .call(p.running_mean, p.running_var, batches, mean, invstd, momentum, kEps, x.numel() / x.size(1));
+          .call(p.running_mean, p.running_var, batches, mean, invstd, momentum, kEps,
+                x.numel() / x.size(1));
       check(batches.item<int64_t>() == step, "num_batches_tracked counts every update");
-      check_close(p.running_mean, native.running_mean, 1e-5, 1e-6, "running_mean, step " + std::to_string(step));
-      check_close(p.running_var, native.running_var, 1e-5, 1e-6, "running_var, step " + std::to_string(step));
+      check_close(p.running_mean, native.running_mean, 1e-5, 1e-6,
+                  "running_mean, step " + std::to_string(step));
+      check_close(p.running_var, native.running_var, 1e-5, 1e-6,
+                  "running_var, step " + std::to_string(step));
     }
   });
 }
@@ -188,16 +203,18 @@ void backward_matches_native() {
         invstd = (p.running_var + kEps).rsqrt();
       }
       const auto [e_input, e_weight, e_bias] =
-          at::native_batch_norm_backward(grad_out, x, p.weight, p.running_mean, p.running_var, mean, invstd,
-                                         train, kEps, {true, true, true});
-      const auto [g_input, g_weight, g_bias] = op<BackwardFn>("ckbn::backward")
-                                                   .call(grad_out, x, mean, invstd, p.weight, train, {true, true, true}, p.bias,
-                                                         "identity", 0.0);
+          at::native_batch_norm_backward(grad_out, x, p.weight, p.running_mean, p.running_var, mean,
+                                         invstd, train, kEps, {true, true, true});
+      const auto [g_input, g_weight, g_bias] =
+          op<BackwardFn>("ckbn::backward")
+              .call(grad_out, x, mean, invstd, p.weight, train, {true, true, true}, p.bias,
+                    "identity", 0.0);
       const std::string mode = train ? "train " : "eval ";
       check_close(g_input, e_input, c.rtol, c.atol, mode + "grad_input");
       check_close(g_weight, e_weight, c.rtol, c.atol * 10, mode + "grad_weight");
       check_close(g_bias, e_bias, c.rtol, c.atol * 10, mode + "grad_bias");
-      const auto format = c.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      const auto format =
+          c.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
       check(g_input.is_contiguous(format), mode + "grad_input keeps the input's memory format");
     }
   });
@@ -211,12 +228,15 @@ void backward_halves_match_fused() {
     const Params p = make_params(c);
     const auto [mean, invstd] = op<BatchStatsFn>("ckbn::batch_stats").call(x, kEps);
     const auto [fused, grad_weight, grad_bias] =
-        op<BackwardFn>("ckbn::backward").call(grad_out, x, mean, invstd, p.weight, true, {true, false, false},
-                                               p.bias, "identity", 0.0);
-    const auto [sum_dy, sum_dy_xmu] = op<BackwardReduceFn>("ckbn::backward_reduce").call(grad_out, x, mean);
+        op<BackwardFn>("ckbn::backward")
+            .call(grad_out, x, mean, invstd, p.weight, true, {true, false, false}, p.bias,
+                  "identity", 0.0);
+    const auto [sum_dy, sum_dy_xmu] =
+        op<BackwardReduceFn>("ckbn::backward_reduce").call(grad_out, x, mean);
     const double count = static_cast<double>(x.numel() / x.size(1));
-    const Tensor split = op<BackwardElemtFn>("ckbn::backward_elemt")
-                             .call(grad_out, x, mean, invstd, p.weight, sum_dy / count, sum_dy_xmu / count);
+    const Tensor split =
+        op<BackwardElemtFn>("ckbn::backward_elemt")
+            .call(grad_out, x, mean, invstd, p.weight, sum_dy / count, sum_dy_xmu / count);
     check_close(split, fused, c.rtol, c.atol, "grad_input of backward_elemt");
     check(grad_weight.numel() == 0 && grad_bias.numel() == 0, "masked gradients are empty");
   });
@@ -236,10 +256,12 @@ void replayed_normalize_is_bitwise_equal() {
     const Tensor forward = normalize.call(x, mean, invstd, p.weight, p.bias, "identity", 0.0);
     Tensor batches = at::zeros({}, c.param_options().dtype(at::kLong));
     op<UpdateRunningStatsFn>("ckbn::update_running_stats")
-        .call(p.running_mean, p.running_var, batches, mean, invstd, kMomentum, kEps, x.numel() / x.size(1));
+        .call(p.running_mean, p.running_var, batches, mean, invstd, kMomentum, kEps,
+              x.numel() / x.size(1));
     check(at::equal(mean, recorded_mean) && at::equal(invstd, recorded_invstd),
           "update_running_stats leaves the batch statistics alone");
-    const Tensor replayed = normalize.call(x, recorded_mean, recorded_invstd, p.weight, p.bias, "identity", 0.0);
+    const Tensor replayed =
+        normalize.call(x, recorded_mean, recorded_invstd, p.weight, p.bias, "identity", 0.0);
     check(at::equal(replayed, forward), "replayed output equals the training forward bitwise");
     check(replayed.strides() == forward.strides(), "replayed output has the forward's strides");
   });

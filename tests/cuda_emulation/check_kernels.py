@@ -122,11 +122,22 @@ def run_case(label, shape, layout, dtype, gen, failures):
             weight = torch.rand(channels, generator=gen, dtype=torch.float64).add(0.5).to(param_dtype)
             bias = torch.randn(channels, generator=gen, dtype=torch.float64).to(param_dtype)
         tag = f"{label} params={param_dtype}"
-        compare(f"{tag} normalize", ops.normalize(x, mean, invstd, weight, bias),
-                ref.normalize(x, mean, invstd, weight, bias), out_tol, failures)
-        for train, mask in ((True, [True, True, True]), (True, [True, False, False]),
-                            (False, [True, True, True]), (False, [True, False, False]),
-                            (False, [False, True, True]), (True, [False] * 3), (False, [False] * 3)):
+        compare(
+            f"{tag} normalize",
+            ops.normalize(x, mean, invstd, weight, bias),
+            ref.normalize(x, mean, invstd, weight, bias),
+            out_tol,
+            failures,
+        )
+        for train, mask in (
+            (True, [True, True, True]),
+            (True, [True, False, False]),
+            (False, [True, True, True]),
+            (False, [True, False, False]),
+            (False, [False, True, True]),
+            (True, [False] * 3),
+            (False, [False] * 3),
+        ):
             got = ops.backward(dy, x, mean, invstd, weight, train, mask)
             want = ref.backward(dy, x, mean, invstd, weight, train, mask)
             # grad_weight and grad_bias are sums over the batch: compare relative to their size.
@@ -137,14 +148,21 @@ def run_case(label, shape, layout, dtype, gen, failures):
                 failures.append(f"{tag} backward dtypes {got[1].dtype}, {got[2].dtype} != {want[1].dtype}")
     run_fused(label, x, dy, mean, invstd, gen, out_tol, failures)
     sums = ref.backward_reduce(dy, x, mean)
-    sums_tol = dict(rtol=1e-4 if dtype != torch.float64 else 1e-10,
-                    atol=(1e-4 if dtype != torch.float64 else 1e-10) * max(1, x.numel() // channels))
+    sums_tol = dict(
+        rtol=1e-4 if dtype != torch.float64 else 1e-10,
+        atol=(1e-4 if dtype != torch.float64 else 1e-10) * max(1, x.numel() // channels),
+    )
     compare(f"{label} backward_reduce", ops.backward_reduce(dy, x, mean), sums, sums_tol, failures)
     count = max(1, x.numel() // channels)
     mean_dy, mean_dy_xmu = sums[0] / count, sums[1] / count
     weight = torch.rand(channels, generator=gen, dtype=torch.float64).add(0.5).to(dtype)
-    compare(f"{label} backward_elemt", ops.backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu),
-            ref.backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu), out_tol, failures)
+    compare(
+        f"{label} backward_elemt",
+        ops.backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu),
+        ref.backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu),
+        out_tol,
+        failures,
+    )
 
 
 def run_fused(label, x, dy, mean, invstd, gen, out_tol, failures):
@@ -156,8 +174,13 @@ def run_fused(label, x, dy, mean, invstd, gen, out_tol, failures):
     sums_tol = dict(rtol=out_tol["rtol"], atol=out_tol["atol"] * max(1, x.numel() // channels) ** 0.5)
     for activation, param in FUSED:
         tag = f"{label} {activation}"
-        compare(f"{tag} normalize", ops.normalize(x, mean, invstd, weight, bias, activation, param),
-                ref.normalize(x, mean, invstd, weight, bias, activation, param), out_tol, failures)
+        compare(
+            f"{tag} normalize",
+            ops.normalize(x, mean, invstd, weight, bias, activation, param),
+            ref.normalize(x, mean, invstd, weight, bias, activation, param),
+            out_tol,
+            failures,
+        )
         for train, mask in ((True, [True, True, True]), (False, [True, False, False]), (False, [False, True, True])):
             got = ops.backward(dy, x, mean, invstd, weight, train, mask, bias, activation, param)
             want = ref.backward(dy, x, mean, invstd, weight, train, mask, bias, activation, param)
@@ -180,8 +203,13 @@ def run_running_stats(gen, failures):
                 ops.update_running_stats(*buffers, mean, invstd, momentum, 1e-5, 37)
                 ref.update_running_stats(*expected, mean, invstd, momentum, 1e-5, 37)
                 tol = tolerance(buffer_dtype if buffer_dtype != torch.float64 else stats_dtype)
-                compare(f"update_running_stats {stats_dtype} buffers={buffer_dtype} momentum={momentum}",
-                        buffers, expected, tol, failures)
+                compare(
+                    f"update_running_stats {stats_dtype} buffers={buffer_dtype} momentum={momentum}",
+                    buffers,
+                    expected,
+                    tol,
+                    failures,
+                )
     # Strided running buffers are updated in place: mean 1 and biased variance 1 over 2 elements
     # (unbiased 2), averaged with zeros at momentum 0.5.
     running = torch.zeros(5, 2)

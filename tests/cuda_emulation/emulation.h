@@ -66,7 +66,8 @@ inline thread_local bool in_kernel = false;  // this thread is running kernel co
 struct LaunchHooks {
   // Before a launch, on the launching thread: false skips running it. grid_stride: 1 if a block
   // takes several work units, 0 if not, -1 if no kernel argument says (see grid_stride_of).
-  bool (*begin)(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes, int grid_stride) = nullptr;
+  bool (*begin)(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes,
+                int grid_stride) = nullptr;
   void (*end)() = nullptr;  // after the launch's last block
   // Resident blocks per multiprocessor for a kernel, block size and dynamic shared memory.
   int (*occupancy)(const void* kernel, int block_threads, std::size_t shared_bytes) = nullptr;
@@ -82,7 +83,9 @@ inline long env_or(const char* name, long fallback) {
 // resident blocks of every kernel per multiprocessor unless the launch observer says, and L2 bytes
 // (small, so that both the fused and the two-kernel backward run).
 inline int multiprocessors() { return static_cast<int>(env_or("CKBN_EMULATED_SMS", 4)); }
-inline int blocks_per_multiprocessor() { return static_cast<int>(env_or("CKBN_EMULATED_BLOCKS_PER_SM", 2)); }
+inline int blocks_per_multiprocessor() {
+  return static_cast<int>(env_or("CKBN_EMULATED_BLOCKS_PER_SM", 2));
+}
 inline long l2_bytes() { return env_or("CKBN_EMULATED_L2_BYTES", 256 << 10); }
 
 // Whether a kernel argument describes a grid-stride launch: its `grid_stride` flag, or more
@@ -107,9 +110,13 @@ void launch(dim3 grid, dim3 block, std::size_t shared_bytes, void* /*stream*/,
   const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
   if (hooks.begin != nullptr) {
     int grid_stride = -1;
-    std::apply([&](const auto&... arg) { ((grid_stride = std::max(grid_stride, grid_stride_of(arg, blocks))), ...); },
-               params);
-    if (!hooks.begin(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, grid_stride)) {
+    std::apply(
+        [&](const auto&... arg) {
+          ((grid_stride = std::max(grid_stride, grid_stride_of(arg, blocks))), ...);
+        },
+        params);
+    if (!hooks.begin(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes,
+                     grid_stride)) {
       return;
     }
   }
@@ -128,7 +135,8 @@ void launch(dim3 grid, dim3 block, std::size_t shared_bytes, void* /*stream*/,
       for (long b = 0; b < blocks; ++b) {
         start.arrive_and_wait();
         current = sync.get();
-        blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (static_cast<long>(grid.x) * grid.y));
+        blockIdx =
+            dim3(b % grid.x, (b / grid.x) % grid.y, b / (static_cast<long>(grid.x) * grid.y));
         in_kernel = true;
         std::apply(kernel, params);
         in_kernel = false;
@@ -216,11 +224,13 @@ inline cudaError_t cudaGetDevice(int* device) {
 // Resident blocks per multiprocessor: what the launch observer says (the sm_90 occupancy of the
 // compiled kernel), else emu::blocks_per_multiprocessor().
 template <typename Kernel>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel kernel, int block_threads,
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel kernel,
+                                                          int block_threads,
                                                           std::size_t shared_bytes) {
-  *blocks = emu::hooks.occupancy != nullptr
-                ? emu::hooks.occupancy(reinterpret_cast<const void*>(kernel), block_threads, shared_bytes)
-                : emu::blocks_per_multiprocessor();
+  *blocks =
+      emu::hooks.occupancy != nullptr
+          ? emu::hooks.occupancy(reinterpret_cast<const void*>(kernel), block_threads, shared_bytes)
+          : emu::blocks_per_multiprocessor();
   return cudaSuccess;
 }
 #define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "emulated CUDA call failed")

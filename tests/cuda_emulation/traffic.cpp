@@ -71,7 +71,8 @@ std::uintptr_t library_offset(const void* kernel) {
   if (dladdr(kernel, &info) == 0) {
     return 0;
   }
-  return reinterpret_cast<std::uintptr_t>(kernel) - reinterpret_cast<std::uintptr_t>(info.dli_fbase);
+  return reinterpret_cast<std::uintptr_t>(kernel) -
+         reinterpret_cast<std::uintptr_t>(info.dli_fbase);
 }
 
 // The tensor range holding `address`, by binary search over the launch's snapshot.
@@ -112,10 +113,12 @@ CKBN_NOT_INSTRUMENTED void count_access(std::uintptr_t address, std::size_t size
   emu::in_kernel = true;
 }
 
-bool on_launch_begin(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes, int grid_stride) {
+bool on_launch_begin(const void* kernel, dim3 grid, dim3 block, std::size_t shared_bytes,
+                     int grid_stride) {
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.mutex);
-  s.launches.push_back(Launch{library_offset(kernel), grid, block, static_cast<long>(shared_bytes), grid_stride, {}});
+  s.launches.push_back(Launch{
+      library_offset(kernel), grid, block, static_cast<long>(shared_bytes), grid_stride, {}});
   s.ranges.clear();
   s.seen.clear();
   s.counts = Counts{};
@@ -211,21 +214,22 @@ void set_occupancy(std::vector<int64_t> kernel_offsets, std::vector<int64_t> blo
   const std::lock_guard<std::mutex> lock(s.mutex);
   s.occupancy.clear();
   for (std::size_t i = 0; i < kernel_offsets.size(); ++i) {
-    s.occupancy[static_cast<std::uintptr_t>(kernel_offsets[i])] = static_cast<int>(blocks_per_sm[i]);
+    s.occupancy[static_cast<std::uintptr_t>(kernel_offsets[i])] =
+        static_cast<int>(blocks_per_sm[i]);
   }
 }
 
 // The launches since the last call, 17 numbers each: kernel offset, grid xyz, block xyz, dynamic
-// shared bytes, grid-stride (1, 0, -1: unknown), then accessed read/write and distinct read/write bytes of large allocations, then
-// the same four of the others.
+// shared bytes, grid-stride (1, 0, -1: unknown), then accessed read/write and distinct read/write
+// bytes of large allocations, then the same four of the others.
 std::vector<int64_t> take_launches() {
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.mutex);
   std::vector<int64_t> out;
   for (const Launch& l : s.launches) {
     for (const auto v : {l.kernel_offset, std::uintptr_t{l.grid.x}, std::uintptr_t{l.grid.y},
-                         std::uintptr_t{l.grid.z}, std::uintptr_t{l.block.x}, std::uintptr_t{l.block.y},
-                         std::uintptr_t{l.block.z}}) {
+                         std::uintptr_t{l.grid.z}, std::uintptr_t{l.block.x},
+                         std::uintptr_t{l.block.y}, std::uintptr_t{l.block.z}}) {
       out.push_back(static_cast<int64_t>(v));
     }
     out.push_back(l.shared_bytes);
@@ -257,8 +261,12 @@ CKBN_ACCESS_CALLBACKS(16)
 #undef CKBN_ACCESS_CALLBACKS
 CKBN_NOT_INSTRUMENTED void __asan_loadN(std::uintptr_t a, std::size_t n) { count_access(a, n, 0); }
 CKBN_NOT_INSTRUMENTED void __asan_storeN(std::uintptr_t a, std::size_t n) { count_access(a, n, 1); }
-CKBN_NOT_INSTRUMENTED void __asan_loadN_noabort(std::uintptr_t a, std::size_t n) { count_access(a, n, 0); }
-CKBN_NOT_INSTRUMENTED void __asan_storeN_noabort(std::uintptr_t a, std::size_t n) { count_access(a, n, 1); }
+CKBN_NOT_INSTRUMENTED void __asan_loadN_noabort(std::uintptr_t a, std::size_t n) {
+  count_access(a, n, 0);
+}
+CKBN_NOT_INSTRUMENTED void __asan_storeN_noabort(std::uintptr_t a, std::size_t n) {
+  count_access(a, n, 1);
+}
 CKBN_NOT_INSTRUMENTED void __asan_init() {}
 CKBN_NOT_INSTRUMENTED void __asan_version_mismatch_check_v8() {}
 CKBN_NOT_INSTRUMENTED void __asan_handle_no_return() {}

@@ -26,14 +26,19 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import build  # noqa: E402
 import torch  # noqa: E402
 import torch.utils.cpp_extension  # noqa: E402
 
+import build  # noqa: E402
+
 NAME = "ckbn_cuda_traffic"
 BUILD_DIR = os.path.join(build.ROOT, "build", "cuda_emulation_traffic")
-COUNT_FLAGS = ["-fsanitize=address", "--param=asan-instrumentation-with-call-threshold=0",
-               "--param=asan-stack=0", "--param=asan-globals=0"]
+COUNT_FLAGS = [
+    "-fsanitize=address",
+    "--param=asan-instrumentation-with-call-threshold=0",
+    "--param=asan-stack=0",
+    "--param=asan-globals=0",
+]
 RECORD = 17  # numbers per launch from take_launches
 
 # Shapes taking each path of the kernels on the emulated 4-SM device: (label, shape, layout).
@@ -83,13 +88,18 @@ def take(symbols: dict) -> list:
     flat = torch.ops.ckbn_emulation.take_launches()
     launches = []
     for i in range(0, len(flat), RECORD):
-        r = flat[i:i + RECORD]
-        launches.append({
-            "kernel": symbols.get(r[0], f"?+{r[0]:#x}"),
-            "grid": r[1:4], "block": r[4:7], "shared_bytes": r[7], "grid_stride": r[8],
-            "large": {"read": r[9], "write": r[10], "read_distinct": r[11], "write_distinct": r[12]},
-            "small": {"read": r[13], "write": r[14], "read_distinct": r[15], "write_distinct": r[16]},
-        })
+        r = flat[i : i + RECORD]
+        launches.append(
+            {
+                "kernel": symbols.get(r[0], f"?+{r[0]:#x}"),
+                "grid": r[1:4],
+                "block": r[4:7],
+                "shared_bytes": r[7],
+                "grid_stride": r[8],
+                "large": {"read": r[9], "write": r[10], "read_distinct": r[11], "write_distinct": r[12]},
+                "small": {"read": r[13], "write": r[14], "read_distinct": r[15], "write_distinct": r[16]},
+            }
+        )
     return launches
 
 
@@ -120,8 +130,12 @@ def operator_calls(x, dy, fill: bool):
         ("backward eval nothing", lambda: ops.backward(dy, x, mean, invstd, weight, False, [False, False, False])),
         ("backward_reduce", lambda: ops.backward_reduce(dy, x, mean)),
         ("backward_elemt", lambda: ops.backward_elemt(dy, x, mean, invstd, weight, sums, sums)),
-        ("update_running_stats", lambda: ops.update_running_stats(
-            torch.zeros(channels), torch.ones(channels), torch.tensor(0), mean, invstd, 0.1, 1e-5, count)),
+        (
+            "update_running_stats",
+            lambda: ops.update_running_stats(
+                torch.zeros(channels), torch.ones(channels), torch.tensor(0), mean, invstd, 0.1, 1e-5, count
+            ),
+        ),
     ]
 
 
@@ -136,8 +150,17 @@ def measure_traffic(symbols: dict) -> list:
             for op, call in operator_calls(x, dy, fill=True):
                 torch.ops.ckbn_emulation.configure(True, False, tensor_bytes)
                 call()
-                rows.append({"case": label, "shape": list(shape), "layout": layout, "dtype": dtype_name,
-                             "op": op, "tensor_bytes": tensor_bytes, "launches": take(symbols)})
+                rows.append(
+                    {
+                        "case": label,
+                        "shape": list(shape),
+                        "layout": layout,
+                        "dtype": dtype_name,
+                        "op": op,
+                        "tensor_bytes": tensor_bytes,
+                        "launches": take(symbols),
+                    }
+                )
                 torch.ops.ckbn_emulation.configure(False, False, tensor_bytes)
     return rows
 
