@@ -14,7 +14,10 @@ Where that torch is looked for, in order:
   ``PYTHONPATH`` with which pip masks the target's site-packages): pip runs the hooks with the
   interpreter it installs into;
 * ``$VIRTUAL_ENV`` and ``$CONDA_PREFIX``: the environment an isolating frontend such as
-  ``python -m build`` was started from, which builds in a fresh venv of its own.
+  ``python -m build`` was started from, which builds in a fresh venv of its own. Not under pip
+  (which sets ``PIP_BUILD_TRACKER`` for its builds): there the interpreter running the hook is the
+  one installed into, and an activated environment may be another one, whose torch the installed
+  ckbn would not load into.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def _candidate_pythons() -> Iterator[str]:
         yield explicit
         return
     yield sys.executable
+    if "PIP_BUILD_TRACKER" in os.environ:
+        return
     for variable in ("VIRTUAL_ENV", "CONDA_PREFIX"):
         prefix = os.environ.get(variable)
         if prefix:

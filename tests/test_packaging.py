@@ -57,6 +57,23 @@ def test_backend_without_torch_stops_with_the_supported_versions(build_backend, 
     assert build_backend.SUPPORTED_TORCH in message and "2.11" in build_backend.SUPPORTED_TORCH
 
 
+@pytest.mark.parametrize("under_pip", [False, True])
+def test_backend_uses_an_activated_environment_only_outside_pip(build_backend, monkeypatch, under_pip):
+    # The hook's interpreter has no torch (here: none at all); the activated environment has one.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delenv("CKBN_TORCH_PYTHON", raising=False)
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.setenv("VIRTUAL_ENV", sys.prefix)
+    monkeypatch.setattr(sys, "executable", str(ROOT / "no-such-python"))
+    if under_pip:
+        monkeypatch.setenv("PIP_BUILD_TRACKER", str(ROOT))
+        with pytest.raises(SystemExit, match="Install torch first"):
+            build_backend.make_torch_importable()
+    else:
+        monkeypatch.delenv("PIP_BUILD_TRACKER", raising=False)
+        build_backend.make_torch_importable()  # python -m build, started from this environment
+
+
 def test_supported_range_matches_the_package_requirement(build_backend):
     oldest = ".".join(map(str, build_backend.OLDEST_TORCH))
     assert f'"torch>={oldest}"' in (ROOT / "pyproject.toml").read_text()
