@@ -12,7 +12,10 @@
 See README.md for the backends and environment variables.
 """
 
-from . import functional
+from . import (
+    batching,  # noqa: F401  (registers the vmap rules of the compiled ops)
+    functional,
+)
 from ._backend import ACTIVE as _ACTIVE
 from ._backend import cuda_compiled
 from .block_checkpointing import CheckpointingReport, apply_checkpointing

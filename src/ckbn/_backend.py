@@ -107,7 +107,7 @@ def _register_fakes() -> None:
         return input.new_empty((input.size(1),), dtype=reference.stats_dtype(input.dtype))
 
     def _like_input(input: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(input, memory_format=reference._memory_format(input))
+        return torch.empty_like(input, memory_format=reference.memory_format(input))
 
     # Each fake checks eps and devices as the kernels do: a meta-device argument beside a CPU or
     # CUDA input sends the call here, and an unchecked fake would return an uninitialised result.
@@ -119,7 +119,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ckbn::normalize")
     def _(input, mean, invstd, weight, bias, activation="identity", activation_param=0.0):
         reference.check_devices("ckbn::normalize", input, mean=mean, invstd=invstd, weight=weight, bias=bias)
-        reference._check_activation(activation, activation_param, "ckbn::normalize")
+        reference.check_activation(activation, activation_param, "ckbn::normalize")
         return _like_input(input)
 
     @torch.library.register_fake("ckbn::update_running_stats")
@@ -143,7 +143,7 @@ def _register_fakes() -> None:
         reference.check_devices(
             "ckbn::backward", input, grad_output=grad_output, mean=mean, invstd=invstd, weight=weight, bias=bias
         )
-        reference._check_activation(activation, activation_param, "ckbn::backward")
+        reference.check_activation(activation, activation_param, "ckbn::backward")
         param_dtype = weight.dtype if weight is not None else mean.dtype
         grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
         grad_weight = mean.new_empty((input.size(1),) if output_mask[1] else (0,), dtype=param_dtype)
@@ -172,6 +172,4 @@ def _register_fakes() -> None:
 
 if extension_loaded:
     _register_fakes()
-    from . import batching  # noqa: E402  (its rules call the ops defined above)
-
-    batching.register()
+    # The batching rules (batching.py) are registered by that module, which imports this one.

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _backend
 from ._backend import ops
 
 
@@ -138,3 +139,7 @@ def register() -> None:
     """Register every rule with torch.library (the compiled extension's ops only)."""
     for name, rule in RULES.items():
         torch.library.register_vmap(f"ckbn::{name}", rule)
+
+
+if _backend.extension_loaded:
+    register()  # once, when ckbn imports this module

@@ -85,7 +85,7 @@ def _check_grad_output(grad_output: Tensor, input: Tensor, op: str) -> None:
         raise RuntimeError(f"{op}: expected grad_output of dtype {input.dtype}, but got {grad_output.dtype}")
 
 
-def _check_activation(activation: str, activation_param: float, op: str) -> None:
+def check_activation(activation: str, activation_param: float, op: str) -> None:
     """The checks of csrc/ops.cpp's parse_activation, with its messages."""
     if activation not in activations.ACTIVATIONS:
         names = ", ".join(f"'{name}'" for name in activations.ACTIVATIONS)
@@ -118,7 +118,7 @@ def _per_channel(vec: Optional[Tensor], input: Tensor, default: float) -> Tensor
     return vec.to(acc).reshape(_channel_shape(input))
 
 
-def _memory_format(input: Tensor) -> torch.memory_format:
+def memory_format(input: Tensor) -> torch.memory_format:
     """The memory format the kernels give their outputs: channels_last stays channels_last.
 
     Every empty tensor is contiguous; only its strides tell a channels_last empty batch apart.
@@ -164,9 +164,9 @@ def normalize(
     _check_input(input, op)
     _check_stats(input, op, mean=mean, invstd=invstd)
     _check_affine(input, op, weight=weight, bias=bias)
-    _check_activation(activation, activation_param, op)
+    check_activation(activation, activation_param, op)
     out = activations.apply(_pre_activation(input, mean, invstd, weight, bias), activation, activation_param)
-    return out.to(input.dtype).contiguous(memory_format=_memory_format(input))
+    return out.to(input.dtype).contiguous(memory_format=memory_format(input))
 
 
 def check_running_stats_args(
@@ -267,7 +267,7 @@ def _grad_input(
         projection = (invstd * invstd * mean_dy_xmu).reshape(shape)
         centered_dy = centered_dy - mean_dy.reshape(shape) - (input.to(acc) - mean.reshape(shape)) * projection
     grad_input = centered_dy * (invstd.reshape(shape) * _per_channel(weight, input, 1.0))
-    return grad_input.to(input.dtype).contiguous(memory_format=_memory_format(input))
+    return grad_input.to(input.dtype).contiguous(memory_format=memory_format(input))
 
 
 def backward(
@@ -287,7 +287,7 @@ def backward(
     _check_grad_output(grad_output, input, op)
     _check_stats(input, op, mean=mean, invstd=invstd)
     _check_affine(input, op, weight=weight, bias=bias)
-    _check_activation(activation, activation_param, op)
+    check_activation(activation, activation_param, op)
     need_input, need_weight, need_bias = output_mask
     if activation != "identity":
         # The batch-norm backward of dz = dy * act'(z), z recomputed; dz stays in the statistics
