@@ -206,7 +206,11 @@ def resident_in_child(args: argparse.Namespace) -> Dict[str, Dict[str, Tuple[int
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "resident.json"
         command = [sys.executable, "-m", "bench.models", "--resident-json", str(out), "--models", args.models]
-        for flag, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
+        for flag, value in (
+            ("--batch-size", args.batch_size),
+            ("--image-size", args.image_size),
+            ("--threads", args.threads),
+        ):
             if value is not None:
                 command += [flag, str(value)]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)

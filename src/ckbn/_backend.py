@@ -1,5 +1,5 @@
-"""Chooses the implementation behind the ckbn operators and registers their fake kernels and
-batching rules.
+"""Chooses the implementation behind the ckbn operators and registers their fake kernels (their
+batching rules are registered by :mod:`ckbn.batching`, which imports this module).
 
 Two backends exist:
 
