@@ -10,8 +10,6 @@ Environment:
 
 import glob
 import os
-import shutil
-import subprocess
 import sys
 
 import setuptools
@@ -22,6 +20,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # it also holds the range of torch releases ckbn supports.
 sys.path.insert(0, os.path.join(ROOT, "build_backend"))
 from ckbn_build import OLDEST_TORCH, SUPPORTED_TORCH  # noqa: E402
+from cuda_root import find_cuda_home  # noqa: E402
 
 try:
     import torch
@@ -50,39 +49,6 @@ if "bdist_wheel" in sys.argv or "dist_info" in sys.argv:
 # newest so that later GPUs can JIT it. Each architecture adds about as much compile time as the
 # host code of every .cu file; docs/install.md gives the measured costs.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
-
-
-def find_cuda_home():
-    """The CUDA toolkit root: CUDA_HOME/CUDA_PATH, else what nvcc itself reports as TOP.
-
-    nvcc on PATH may be a wrapper script elsewhere than the toolkit, which defeats torch's own guess
-    (dirname of dirname of `which nvcc`); `nvcc --dryrun` prints the real root.
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.realpath(home)
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    try:
-        dry = subprocess.run(
-            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        dry = None
-    if dry is not None:
-        for line in (dry.stdout + dry.stderr).splitlines():
-            # Lines look like "#$ TOP=/usr/local/cuda-13.0/bin/..".
-            key, _, value = line.lstrip("#$ ").partition("=")
-            if key == "TOP" and value:
-                top = os.path.realpath(value.strip())
-                if os.path.isfile(os.path.join(top, "bin", "nvcc")):
-                    return top
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
 def want_cuda(cuda_home):
@@ -116,10 +82,8 @@ def extension():
     debug = os.environ.get("CKBN_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # csrc is searched for "quoted" includes only: as an -I directory its math.h would shadow the
-    # system <math.h> that CUDA's and Python's headers include.
-    quote_csrc = "-iquote" + os.path.join(ROOT, "csrc")
-    cxx_flags = opt + [quote_csrc]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx_flags = list(opt)  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     # at::parallel_for is inline and runs serially unless the calling code is compiled with OpenMP;
     # GOMP's symbols then resolve to the libgomp that torch already loaded.
     link_flags = []
@@ -128,16 +92,18 @@ def extension():
         link_flags.append("-fopenmp")
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc_flags = opt + ["-lineinfo", "-Xcompiler", quote_csrc]
+        nvcc_flags = opt + ["-lineinfo"]
         return CUDAExtension(
             "ckbn._C",
             sources,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DCKBN_WITH_CUDA"], "nvcc": nvcc_flags + ["-DCKBN_WITH_CUDA"]},
             extra_link_args=link_flags,
         )
     return CppExtension(
         "ckbn._C",
         sources,
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )

@@ -2,13 +2,13 @@
 # One-shot check of ckbn's CUDA backend on a lent GPU machine (H100/H200), in one call of at most
 # 9 minutes:
 #   1. build ckbn._C for sm_90 (MAX_JOBS=16) into build/gpu_check/ckbn and import it from there
-#   2. the CUDA tests (tests/test_cuda.py; tests with "cuda" in their id elsewhere, torch.compile's
+#   2. the CUDA tests (tests/ops/test_cuda.py; tests with "cuda" in their id elsewhere, torch.compile's
 #      aside), bench/gpu_smoke.py (every op, both layouts), bench/sync_nccl_check.py (SyncBatchNorm
 #      over NCCL, world size 1)
 #   3. compute-sanitizer memcheck and racecheck over bench/gpu_smoke.py
 #   4. bench/ops.py --device cuda over ResNet-50's BatchNorm shapes, with the time that is left
 #      but a reserve for
-#   5. the cold torch.compile tests (tests/test_compile.py -k cuda), under their own cap
+#   5. the cold torch.compile tests (tests/modules/test_compile.py -k cuda), under their own cap
 # and prints a summary table last. Every step runs with CKBN_REQUIRE_EXTENSION=1 and each has its
 # own timeout; a failing step does not stop the next.
 #
@@ -112,9 +112,11 @@ step() {
 # Copies the sources into BUILD_ROOT and builds ckbn._C there (CUDA with CKBN_CUDA=1).
 build_copy() {
   mkdir -p "$BUILD_ROOT"
-  rm -rf "$BUILD_ROOT/csrc" "$BUILD_ROOT/ckbn"
+  rm -rf "$BUILD_ROOT/csrc" "$BUILD_ROOT/ckbn" "$BUILD_ROOT/build_backend"
   # -p keeps modification times, so that ninja recompiles only what changed since the last build.
+  # setup.py imports build_backend/ (the supported torch range, the CUDA-root search).
   cp -p setup.py "$BUILD_ROOT/" && cp -rp csrc "$BUILD_ROOT/csrc" && cp -rp src/ckbn "$BUILD_ROOT/ckbn" \
+    && cp -rp build_backend "$BUILD_ROOT/build_backend" \
     && rm -f "$BUILD_ROOT"/ckbn/_C*.so && (cd "$BUILD_ROOT" && $PYTHON setup.py build_ext --inplace)
 }
 
@@ -140,12 +142,12 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # 2. Tests (test_gpu_static.py is the static model CI runs; torch.compile's cold tests come last).
-PYTEST=($PYTHON -m pytest -q -rs -p no:cacheprovider --ignore=tests/test_cuda_emulated.py
-  --ignore=tests/test_gpu_static.py --ignore=tests/test_compile.py)
+PYTEST=($PYTHON -m pytest -q -rs -p no:cacheprovider --ignore=tests/ops/test_cuda_emulated.py
+  --ignore=tests/ops/test_gpu_static.py --ignore=tests/modules/test_compile.py)
 if [[ "$MODE" == all ]]; then
   if $PYTHON -c 'import pytest' 2> /dev/null; then
-    step "tests: test_cuda.py" 150 "$OUT_DIR/tests.log" "${PYTEST[@]}" tests/test_cuda.py -m "not slow"
-    step "tests: -k cuda" 100 "$OUT_DIR/tests.log" --pytest "${PYTEST[@]}" tests --ignore=tests/test_cuda.py -k cuda \
+    step "tests: test_cuda.py" 150 "$OUT_DIR/tests.log" "${PYTEST[@]}" tests/ops/test_cuda.py -m "not slow"
+    step "tests: -k cuda" 100 "$OUT_DIR/tests.log" --pytest "${PYTEST[@]}" tests --ignore=tests/ops/test_cuda.py -k cuda \
       -m "not slow"
     step "tests: slow" 90 "$OUT_DIR/tests.log" --gpu --pytest "${PYTEST[@]}" tests -k cuda -m slow
   else
@@ -202,7 +204,7 @@ fi
 # 5. torch.compile on CUDA: cold compiles take long, so they get what the reserve allows.
 if [[ "$MODE" == all ]] && $PYTHON -c 'import pytest' 2> /dev/null; then
   step "tests: torch.compile" "$COMPILE_RESERVE" "$OUT_DIR/tests.log" --pytest \
-    $PYTHON -m pytest -q -rs -p no:cacheprovider tests/test_compile.py -k cuda
+    $PYTHON -m pytest -q -rs -p no:cacheprovider tests/modules/test_compile.py -k cuda
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from ckbn import _backend, reference
+from ckbn import ops, reference
 
 EPS = 1e-5
 # (shape, layout, dtype): what each reaches is in the comment.
@@ -113,7 +113,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    compiled = _backend.extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
+    compiled = ops.extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
         "ckbn::batch_stats", args.device.upper()
     )
     if not compiled:
@@ -121,7 +121,7 @@ def main() -> int:
             print(f"ERROR: CKBN_REQUIRE_EXTENSION=1 but ckbn._C has no {args.device} kernels", file=sys.stderr)
             return 3
         print(f"NOTE: no compiled ckbn {args.device} kernels; checking ckbn.reference against itself")
-    failures = run(_backend.ops if compiled else reference, args.device)
+    failures = run(ops if compiled else reference, args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()
     for failure in failures:

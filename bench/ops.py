@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint  # noqa: E402
 
 import ckbn  # noqa: E402
-from ckbn import _backend, reference  # noqa: E402
+from ckbn import ops, reference  # noqa: E402
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -154,19 +154,19 @@ class FusedBatchNorm(torch.nn.Module):
         self.bn, self.activation = batch_norm, activation
 
     def forward(self, x):
-        return ckbn.modules.batch_norm_forward(self.bn, x, activation=self.activation)
+        return ckbn.policy.batch_norm_forward(self.bn, x, activation=self.activation)
 
 
 def implementation(device: str):
     """The ckbn operators to measure on `device`, and a line saying which they are."""
-    has_kernels = _backend.extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
+    has_kernels = ops.extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
         "ckbn::batch_stats", device.upper()
     )
     if has_kernels:
-        return _backend.ops, f"ckbn compiled {device} kernels"
+        return ops, f"ckbn compiled {device} kernels"
     why = (
         "the compiled extension is not loaded"
-        if not _backend.extension_loaded
+        if not ops.extension_loaded
         else (f"this build of ckbn._C has no {device} kernels")
     )
     print(f"NOTE: {why}; measuring ckbn.reference (pure PyTorch) instead", file=sys.stderr)

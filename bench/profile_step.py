@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from torch.profiler import ProfilerActivity, profile
 
 import ckbn
-from ckbn import _backend
+from ckbn import ops
 
 
 def per_step_ms(step, steps: int) -> dict:
@@ -40,7 +40,7 @@ def cold_backward(shape, fmt, rounds: int = 3, runs: int = 15) -> None:
     x = torch.randn(shape).contiguous(memory_format=fmt)
     dy = torch.randn(shape).contiguous(memory_format=fmt)
     weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-    mean, invstd = _backend.ops.batch_stats(x, 1e-5)
+    mean, invstd = ops.batch_stats(x, 1e-5)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     y = F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True)
 
@@ -54,7 +54,7 @@ def cold_backward(shape, fmt, rounds: int = 3, runs: int = 15) -> None:
         return min(times) * 1e3
 
     for _ in range(rounds):
-        ckbn_ms = best_ms(lambda: _backend.ops.backward(dy, x, mean, invstd, weight, True, [True, True, True]))
+        ckbn_ms = best_ms(lambda: ops.backward(dy, x, mean, invstd, weight, True, [True, True, True]))
         torch_ms = best_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
         print(
             f"cold backward {fmt}: ckbn {ckbn_ms:.2f} ms, torch {torch_ms:.2f} ms, torch/ckbn {torch_ms / ckbn_ms:.2f}"

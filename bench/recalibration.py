@@ -5,7 +5,7 @@
 Both recalibrate the same converted model over the same batches (synthetic images whose brightness
 and contrast vary from batch to batch, as augmentation makes them). The truth is each layer's
 population statistics: its inputs captured in float64 over all batches and concatenated (the oracle
-of tests/test_recalibrate.py). Printed: per-layer relative error of running_var and running_mean
+of tests/models/test_recalibrate.py). Printed: per-layer relative error of running_var and running_mean
 (median and worst over the 20 layers), and how far each model's eval output is from the truth's.
 """
 

@@ -5,7 +5,7 @@
 // calls the checks below before it touches memory, so bad input is a RuntimeError on every backend.
 #pragma once
 
-#include "math.h"
+#include "batch_norm_math.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>

@@ -8,7 +8,7 @@ import torch
 
 import ckbn
 from ckbn import activations
-from ckbn.modules import batch_norm_forward
+from ckbn.policy import batch_norm_forward
 
 # Fused activations the ops implement; the fused-activation branch extends this list.
 ACTIVATIONS_UNDER_TEST = ["identity"]

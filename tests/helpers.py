@@ -1,10 +1,13 @@
-"""Helpers shared by several test files (tests/ is on sys.path under pytest)."""
+"""Helpers shared by several test files (tests/ is on sys.path under pytest: pyproject's pythonpath)."""
 
 import functools
+from pathlib import Path
 
 import torch
 
-from ckbn._backend import ops
+from ckbn import ops
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def counting(monkeypatch, name):

@@ -2,7 +2,7 @@
 // (cpu/kernels.h), registered for the CPU dispatch key at the bottom of this file.
 #include "ckbn.h"
 #include "cpu/kernels.h"
-#include "math.h"
+#include "batch_norm_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

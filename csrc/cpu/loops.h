@@ -10,11 +10,11 @@
 //     coefficients are scalars broadcast into vectors. Reductions run per channel, in parallel.
 //   ChannelsLast [rows][C]: per-channel values are arrays read with vector loads. Reductions split
 //     the rows between threads; each keeps per-channel partial results, merged at the end.
-// The arithmetic is math.h's, evaluated on vector lanes and on scalars for tails. Statistics are
-// two-pass moments of cache-sized chunks, merged with Chan's formula.
+// The arithmetic is batch_norm_math.h's, evaluated on vector lanes and on scalars for tails.
+// Statistics are two-pass moments of cache-sized chunks, merged with Chan's formula.
 #include "ckbn.h"
 #include "cpu/kernels.h"
-#include "math.h"
+#include "batch_norm_math.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -57,7 +57,8 @@ CKBN_PRAGMA(GCC target(CKBN_TARGET))
 namespace ckbn {
 namespace math {
 
-// Activations (math.h) on vector lanes: a comparison gives a mask vector, blendv selects by it.
+// Activations (batch_norm_math.h) on vector lanes: a comparison gives a mask vector, blendv selects
+// by it.
 template <typename T>
 struct Lanes<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
@@ -328,9 +329,10 @@ std::vector<acc_t> channel_values(const c10::optional<at::Tensor>& t, acc_t fill
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-channel coefficients (math.h's structs) as an element pass sees them.
+// Per-channel coefficients (batch_norm_math.h's structs) as an element pass sees them.
 
-// The fields of math.h's coefficient structs, so that Broadcast and Columns serve every struct.
+// The fields of batch_norm_math.h's coefficient structs, so that Broadcast and Columns serve every
+// struct.
 template <typename T>
 C10_ALWAYS_INLINE std::array<T, 3> fields(const NormalizeCoeffs<T>& c) {
   return {c.mean, c.scale, c.shift};

@@ -15,7 +15,8 @@
 //     sum(dy * (x - mean)) for the backward), optionally followed, when a unit holds a whole
 //     channel, by the element-wise grad_input pass (fused backward);
 //   elementwise_*: normalize and grad_input.
-// Every formula comes from math.h; these files decide only which thread visits which element.
+// Every formula comes from batch_norm_math.h; these files decide only which thread visits which
+// element.
 //
 // Templates here are instantiated by the operator files, one op family per translation unit so
 // that they compile in parallel: stats.cu (batch_stats), normalize.cu, backward.cu (the three
@@ -30,7 +31,7 @@
 
 #include "ckbn.h"
 #include "launch_plan.h"
-#include "math.h"
+#include "batch_norm_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -139,7 +140,8 @@ struct ChannelOutput {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Element-wise operations: a per-channel coefficient set, and the element formula of math.h.
+// Element-wise operations: a per-channel coefficient set, and the element formula of
+// batch_norm_math.h.
 
 // y = act((x - mean) * invstd * weight + bias).
 template <typename scalar_t, typename acc_t_, math::Activation act = math::Activation::Identity>
@@ -167,10 +169,10 @@ struct NormalizeElementwise {
 };
 
 // grad_input. In training mode it needs per-channel sum(dy) and sum(dy * (x - mean)) over the
-// batch; `inv_count` turns the stored terms into the means math.h expects (1 / the element count
-// when they are sums, 1 when the caller already passes means): a product, where a division would
-// call a subroutine in every block. With a fused activation, dy is the gradient of its output;
-// bias (with mean, invstd and weight) gives back its input.
+// batch; `inv_count` turns the stored terms into the means batch_norm_math.h expects (1 / the
+// element count when they are sums, 1 when the caller already passes means): a product, where a
+// division would call a subroutine in every block. With a fused activation, dy is the gradient of
+// its output; bias (with mean, invstd and weight) gives back its input.
 template <typename scalar_t, typename acc_t_, math::Activation act = math::Activation::Identity>
 struct BackwardElementwise {
   using scalar_type = scalar_t;
@@ -959,24 +961,24 @@ struct DeviceInfo {
 };
 
 inline DeviceInfo device_info(int device) {
-  static std::array<std::atomic<int>, kMaxDevices> sms{};  // 0: not asked yet
-  static std::array<std::atomic<int>, kMaxDevices> l2{};
+  // Both attributes in one word (SM count low, L2 bytes high; 0: not asked yet), so that a caller
+  // that sees one sees the other: two separate relaxed stores could be seen half done.
+  static std::array<std::atomic<uint64_t>, kMaxDevices> packed{};
   const bool cached = device >= 0 && device < kMaxDevices;
-  DeviceInfo info{cached ? sms[device].load(std::memory_order_relaxed) : 0,
-                  cached ? l2[device].load(std::memory_order_relaxed) : 0};
-  if (info.multiprocessors == 0) {
-    int l2_bytes = 0;
-    C10_CUDA_CHECK(
-        cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
-    info.l2_bytes = l2_bytes;
-    if (cached) {
-      // Racing callers store the same values.
-      l2[device].store(l2_bytes, std::memory_order_relaxed);
-      sms[device].store(info.multiprocessors, std::memory_order_relaxed);
-    }
+  const uint64_t word = cached ? packed[device].load(std::memory_order_relaxed) : 0;
+  if (word != 0) {
+    return DeviceInfo{static_cast<int>(word & 0xffffffffu), static_cast<int64_t>(word >> 32)};
   }
-  return info;
+  int multiprocessors = 0;
+  int l2_bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+  if (cached && multiprocessors > 0) {  // racing callers store the same word
+    packed[device].store(static_cast<uint64_t>(static_cast<uint32_t>(multiprocessors)) |
+                             (static_cast<uint64_t>(static_cast<uint32_t>(l2_bytes)) << 32),
+                         std::memory_order_relaxed);
+  }
+  return DeviceInfo{multiprocessors, l2_bytes};
 }
 
 // Resident blocks per SM of `Kernel` at kThreads threads, asked once per kernel and device (on

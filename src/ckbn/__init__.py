@@ -12,17 +12,12 @@
 See README.md for the backends and environment variables.
 """
 
-from . import (
-    batching,  # noqa: F401  (registers the vmap rules of the compiled ops)
-    functional,
-)
-from ._backend import ACTIVE as _ACTIVE
-from ._backend import cuda_compiled
+from . import functional, ops
+from .autograd import BatchNormFunction
 from .block_checkpointing import CheckpointingReport, apply_checkpointing
 from .checkpointing import checkpoint, checkpoint_sequential, update_running_stats_in_backward
 from .conversion import ConversionReport, convert_model
 from .distributed import SyncBatchNorm
-from .function import BatchNormFunction
 from .fusion import FusionReport, fuse
 from .modules import (
     BatchNorm1d,
@@ -33,6 +28,7 @@ from .modules import (
     LazyBatchNorm3d,
 )
 from .norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .ops import cuda_compiled
 from .recalibration import recalibrate
 from .running_stats import frozen_running_stats
 
@@ -41,7 +37,7 @@ __version__ = "0.1.0"
 
 def backend() -> str:
     """The implementation behind the ckbn operators: "extension" (compiled) or "reference"."""
-    return _ACTIVE
+    return ops.BACKEND
 
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
-from . import fusion, modules, surgery
+from . import fusion, modules, policy, surgery
 from .distributed import SyncBatchNorm
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _converted(module: nn.Module) -> Optional[nn.Module]:
     if surgery.is_timm_layer(module, "SyncBatchNormAct"):
         return _convert_sync_batch_norm(module, SyncBatchNormDropAct)
     if surgery.has_torch_forward(module):
-        module.forward = modules.BatchNormForward(module)
+        module.forward = policy.BatchNormForward(module)
         return module
     return None
 

@@ -23,8 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import modules, surgery
-from ._backend import ops
+from . import modules, ops, policy, surgery
 from .reference import stats_dtype
 
 # The forward's first all_gather sends this frame whatever C is: a header (C, count), then mean and
@@ -150,8 +149,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
-class SyncStatistics(modules.LocalStatistics):
-    """The batch statistics of every rank in ``group``, for :func:`ckbn.modules.batch_norm_forward`."""
+class SyncStatistics(policy.LocalStatistics):
+    """The batch statistics of every rank in ``group``, for :func:`ckbn.policy.batch_norm_forward`."""
 
     def __init__(self, group) -> None:
         self.group = group
@@ -212,8 +211,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         group = self._sync_group()
-        statistics = modules.LOCAL_STATISTICS if group is None else SyncStatistics(group)
-        return modules.batch_norm_forward(self, input, statistics)
+        statistics = policy.LOCAL_STATISTICS if group is None else SyncStatistics(group)
+        return policy.batch_norm_forward(self, input, statistics)
 
     def _sync_group(self):
         """The process group whose batches this forward normalizes over, or None for this rank's own.

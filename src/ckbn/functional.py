@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import modules
+from . import policy
 
 
 def batch_norm(
@@ -33,7 +33,7 @@ def batch_norm(
     """
     if not isinstance(momentum, numbers.Real):  # torch's argument parser; momentum=None is the modules' own
         raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
-    return modules.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return policy.run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 __all__ = ["batch_norm"]

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import activations
-from .modules import batch_norm_forward
+from .policy import batch_norm_forward
 
 
 class _BatchNormAct(_NormBase):

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 def is_ckbn_batch_norm(module: torch.nn.Module) -> bool:
     """Whether ``module`` runs ckbn's BatchNorm forward: a ckbn class, or another library's subclass
-    converted in place (its instance ``forward`` is a :class:`ckbn.modules.BatchNormForward`)."""
+    converted in place (its instance ``forward`` is a :class:`ckbn.policy.BatchNormForward`)."""
     if getattr(vars(module).get("forward"), "is_ckbn_forward", False):
         return True
     return any(cls.__module__.startswith("ckbn.") for cls in type(module).__mro__)

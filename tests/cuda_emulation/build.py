@@ -67,7 +67,7 @@ def load(verbose: bool = False) -> None:
         name="ckbn_cuda_emulated",
         sources=[os.path.join(CSRC, "ops.cpp"), *units],
         # C++20 for std::barrier, whatever standard this torch gives extensions by default.
-        extra_cflags=["-O1", "-std=c++20", f"-iquote{CSRC}", f"-iquote{HERE}"],
+        extra_cflags=["-O1", "-std=c++20", f"-I{CSRC}", f"-iquote{HERE}"],
         extra_ldflags=["-lpthread"],
         build_directory=build_dir,
         is_python_module=False,

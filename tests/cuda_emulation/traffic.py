@@ -59,8 +59,7 @@ def load(verbose: bool = False) -> str:
     torch.utils.cpp_extension.load(
         name=NAME,
         sources=units,
-        extra_cflags=["-O1", "-std=c++20", f"-iquote{build.CSRC}", f"-iquote{HERE}", f"-iquote{BUILD_DIR}"]
-        + COUNT_FLAGS,
+        extra_cflags=["-O1", "-std=c++20", f"-I{build.CSRC}", f"-iquote{HERE}", f"-iquote{BUILD_DIR}"] + COUNT_FLAGS,
         extra_ldflags=["-lpthread"],
         build_directory=BUILD_DIR,
         is_python_module=False,

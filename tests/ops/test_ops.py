@@ -1,11 +1,12 @@
 """The ckbn operators against ckbn.reference and against torch itself, computed in float64.
 
-The implementation under test is ``ckbn._backend.ops``: the compiled kernels (torch.ops.ckbn), or
+The implementation under test is ``ckbn.ops``: the compiled kernels (torch.ops.ckbn), or
 the reference when CKBN_BACKEND=reference. Each op is compared with the reference (same dtypes,
 shapes and memory format) and with an independent oracle: torch.var_mean, F.batch_norm and
 autograd in float64.
 """
 
+import inspect
 import math
 
 import pytest
@@ -13,9 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import ckbn  # noqa: F401  (loads the compiled operators)
-from ckbn import _backend, reference
+from ckbn import ops, reference
 
-ops = _backend.ops
 EPS = 1e-5
 
 SHAPES = {
@@ -384,11 +384,25 @@ def opcheck_cases(layout):
     }
 
 
+@pytest.mark.parametrize("op", ops.OP_NAMES)
+def test_wrapper_has_the_schemas_arguments_and_runs_the_active_backend(op):
+    """Each ckbn.ops wrapper takes the arguments of the op's schema (csrc/ops.cpp), by name and in
+    order, as the reference does, and ckbn.ops.implementation names what runs it."""
+    wrapper = list(inspect.signature(getattr(ops, op)).parameters)
+    assert wrapper == list(inspect.signature(getattr(reference, op)).parameters)
+    if ops.extension_loaded:
+        schema = getattr(torch.ops.ckbn, op).default._schema
+        assert wrapper == [argument.name for argument in schema.arguments]
+        assert ops.implementation(op) is getattr(torch.ops.ckbn, op).default
+    else:
+        assert ops.implementation(op) is getattr(reference, op)
+
+
 @pytest.mark.skipif(ckbn.backend() != "extension", reason="opcheck checks the compiled registration")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("op", _backend.OP_NAMES)
+@pytest.mark.parametrize("op", ops.OP_NAMES)
 def test_opcheck(op, layout):
-    torch.library.opcheck(getattr(torch.ops.ckbn, op).default, opcheck_cases(layout)[op])
+    torch.library.opcheck(ops.implementation(op), opcheck_cases(layout)[op])
 
 
 BAD_INPUTS = {

@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO_ROOT
 
 import ckbn
-from ckbn import _backend
+from ckbn import ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 spec = importlib.util.spec_from_file_location("gpu_static", os.path.join(ROOT, "bench", "gpu_static.py"))
 gpu_static = importlib.util.module_from_spec(spec)
 sys.modules["gpu_static"] = gpu_static  # its dataclasses look their module up
@@ -197,7 +198,7 @@ def test_emulated_operators_move_no_more_than_their_design():
 
 def _compiled_library():
     module = sys.modules.get("ckbn._C")
-    return getattr(module, "__file__", None) if _backend.extension_loaded else None
+    return getattr(module, "__file__", None) if ops.extension_loaded else None
 
 
 @pytest.mark.slow

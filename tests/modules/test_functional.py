@@ -256,3 +256,25 @@ def test_ckbn_checkpoint_replays_the_functional_call(monkeypatch):
     assert len(seen) == 2, "the recompute ran"
     assert torch.equal(seen[0], seen[1]), "the replayed output is bitwise the forward's"
     assert len(stats_calls) == 1 and len(update_calls) == 1
+
+
+def test_no_channels_is_refused_by_the_ops():
+    """torch returns an empty output for C = 0; ckbn's operators need a channel."""
+    x = torch.randn(4, 0, 3)
+    assert torch.nn.functional.batch_norm(x, None, None, training=True).shape == x.shape
+    with pytest.raises(RuntimeError, match="at least one channel"):
+        ckbn.functional.batch_norm(x, None, None, training=True)
+
+
+def test_running_buffers_of_another_dtype_are_accepted():
+    """torch's CPU kernel refuses float64 buffers beside float32 input; ckbn averages in the
+    statistics dtype and writes each buffer in its own."""
+    x = torch.randn(4, 3, 2, 2)
+    buffers = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        torch.nn.functional.batch_norm(x, *[b.clone() for b in buffers], training=True)
+    y = ckbn.functional.batch_norm(x, *buffers, training=True)
+    expected_buffers = [torch.zeros(3), torch.ones(3)]
+    expected = torch.nn.functional.batch_norm(x, *expected_buffers, training=True)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close([b.float() for b in buffers], expected_buffers)

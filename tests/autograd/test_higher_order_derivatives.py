@@ -13,7 +13,7 @@ from bn_pair import ACTIVATIONS_UNDER_TEST, MODES, assert_same_buffers, make_pai
 from torch.func import functional_call
 
 import ckbn
-from ckbn._backend import ops
+from ckbn import ops
 
 # 1d with and without length, 2d, 3d; C=1, H*W=1 and N*H*W=2 among them.
 SHAPES = [(4, 3), (3, 2, 5), (5, 1, 3), (3, 2, 2, 3), (2, 3, 1, 1), (2, 2, 2, 1, 2)]

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT
 
 import ckbn
-from ckbn import _backend
+from ckbn import ops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 @pytest.fixture
@@ -80,15 +81,15 @@ def test_supported_range_matches_the_package_requirement(build_backend):
 
 
 def test_torch_mismatch_names_both_versions():
-    assert _backend.torch_mismatch(None, "2.14.1") is None
-    assert _backend.torch_mismatch("2.14.1+cu130", "2.14.1+cu130") is None
-    message = _backend.torch_mismatch("2.11.0+cu130", "2.14.1+cu130")
+    assert ops.torch_mismatch(None, "2.14.1") is None
+    assert ops.torch_mismatch("2.14.1+cu130", "2.14.1+cu130") is None
+    message = ops.torch_mismatch("2.11.0+cu130", "2.14.1+cu130")
     assert "2.11.0+cu130" in message and "2.14.1+cu130" in message and "pip install ." in message
 
 
-@pytest.mark.skipif(not _backend.extension_loaded, reason="needs the compiled extension")
+@pytest.mark.skipif(not ops.extension_loaded, reason="needs the compiled extension")
 def test_extension_records_the_torch_it_was_built_against():
-    assert _backend.built_against() == str(torch.__version__)
+    assert ops.built_against() == str(torch.__version__)
     from ckbn import _build_info
 
     assert _build_info.CUDA_KERNELS == ckbn.cuda_compiled()

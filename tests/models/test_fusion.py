@@ -356,7 +356,7 @@ def test_timm_batch_norm_act_converts_with_its_weights():
     reference = copy.deepcopy(unfused)
     for m in reference.modules():
         if isinstance(m, timm.layers.BatchNormAct2d):
-            m.forward = lambda x, m=m: m.act(m.drop(ckbn.modules.batch_norm_forward(m, x)))
+            m.forward = lambda x, m=m: m.act(m.drop(ckbn.policy.batch_norm_forward(m, x)))
     assert_same_model(unfused, reference, model, torch.randn(2, 3, 16, 16, dtype=torch.float64), training=False)
     model.load_state_dict(unfused.state_dict(), strict=True)
 

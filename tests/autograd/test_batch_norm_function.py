@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import ckbn
-from ckbn._backend import ops
-from ckbn.function import BatchNormFunction
-from ckbn.modules import batch_norm_forward
+from ckbn import ops
+from ckbn.autograd import BatchNormFunction
+from ckbn.policy import batch_norm_forward
 
 EPS = 1e-5
 

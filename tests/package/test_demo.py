@@ -2,10 +2,10 @@
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from conftest import DEVICES
+from helpers import REPO_ROOT
 
 import ckbn
 from ckbn.__main__ import main as demo
@@ -75,7 +75,7 @@ def test_json_to_stdout_leaves_the_table_on_stderr(capsys):
 
 def test_models_benchmark_quick(tmp_path):
     pytest.importorskip("torchvision")
-    path = Path(__file__).resolve().parents[1] / "bench" / "models.py"
+    path = REPO_ROOT / "bench" / "models.py"
     spec = importlib.util.spec_from_file_location("bench_models", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -96,7 +96,7 @@ def test_models_benchmark_quick(tmp_path):
 
 def test_models_summary_of_runs(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     monkeypatch.syspath_prepend(str(root))
     from bench import models, summarize_models
 

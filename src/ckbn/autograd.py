@@ -9,7 +9,7 @@ that policy belongs to the module.
 Every other derivative comes from :func:`batch_norm_composite`, the same computation in torch
 operations: a backward run under grad mode (``create_graph=True``, double backward), forward-mode AD
 (``jvp``) and the torch.func transforms. Under ``vmap`` the Function's rule is generated from its
-forward and backward, whose ops have batching rules (:mod:`ckbn.batching`).
+forward and backward, whose ops have batching rules (:mod:`ckbn.ops`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import activations
-from ._backend import ops
+from . import activations, ops
 
 # torch's words (batch_norm_jvp), for running statistics that carry tangents in eval mode.
 _RUNNING_STATS_TANGENT_ERROR = (
@@ -100,8 +99,6 @@ class BatchNormFunction(torch.autograd.Function):
         activation: str,
         activation_param: float,
     ) -> Tensor:
-        if activation == "identity":
-            return ops.normalize(input, mean, invstd, weight, bias)
         return ops.normalize(input, mean, invstd, weight, bias, activation, activation_param)
 
     @staticmethod
@@ -130,21 +127,18 @@ class BatchNormFunction(torch.autograd.Function):
         output_mask = [needs_input, needs_weight and weight is not None, needs_bias and ctx.has_bias]
         if not any(output_mask):
             return (None,) * 9
-        if ctx.activation == "identity":
-            grads = ops.backward(grad_output, input, mean, invstd, weight, ctx.batch_statistics, output_mask)
-        else:
-            grads = ops.backward(
-                grad_output,
-                input,
-                mean,
-                invstd,
-                weight,
-                ctx.batch_statistics,
-                output_mask,
-                bias,
-                ctx.activation,
-                ctx.activation_param,
-            )
+        grads = ops.backward(
+            grad_output,
+            input,
+            mean,
+            invstd,
+            weight,
+            ctx.batch_statistics,
+            output_mask,
+            bias,
+            ctx.activation,
+            ctx.activation_param,
+        )
         return tuple(grad if needed else None for grad, needed in zip(grads, output_mask)) + (None,) * 6
 
 

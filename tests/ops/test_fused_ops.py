@@ -7,15 +7,13 @@ in float64. Shapes, layouts, dtypes and tolerances are those of test_ops.py.
 import pytest
 import torch
 import torch.nn.functional as F
-from test_checkpoint import counting
+from helpers import counting
 from test_ops import CASES, DTYPES, EPS, affine, assert_close, assert_like_input, make_input, stats_dtype
 
 import ckbn
-from ckbn import _backend, activations, reference
-from ckbn.function import BatchNormFunction
-from ckbn.modules import batch_norm_forward
-
-ops = _backend.ops
+from ckbn import activations, ops, reference
+from ckbn.autograd import BatchNormFunction
+from ckbn.policy import batch_norm_forward
 
 # (name, param): every fusable activation; leaky_relu with torch's default, a steep and a negative slope.
 FUSED = [

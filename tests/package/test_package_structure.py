@@ -1,6 +1,7 @@
-"""The package reads in one direction: no import cycle among ckbn's modules, counting imports inside
-functions too (read from the source with ast, so an import that only runs on some path counts), and
-no module reaches for another's private names."""
+"""The package reads in one direction: every module sits in a layer of the stack below and imports
+only from the layers beneath its own, so no import cycle exists; no module reaches for another's
+private names. Imports are read from the source with ast, so one inside a function, which only runs
+on some path, counts too."""
 
 import ast
 from pathlib import Path
@@ -64,11 +65,46 @@ def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycle_in_the_package():
+# ckbn's modules from the bottom up, as docs/development.md describes them. A new module takes its
+# place here; a module imports only from layers below its own.
+STACK = [
+    ("helpers that import no ckbn module", {"_build_info", "activations", "checkpointing", "surgery"}),
+    ("the torch reference of the arithmetic; the frozen-statistics switch", {"reference", "running_stats"}),
+    ("the operators: backend, typed wrappers, fakes, batching rules", {"ops"}),
+    ("the autograd Function", {"autograd"}),
+    ("the training, eval and running-statistics policy", {"policy"}),
+    ("the layers", {"modules", "norm_act", "functional"}),
+    ("layers built on layers", {"distributed", "fusion"}),
+    ("whole-model tools", {"conversion", "recalibration", "block_checkpointing"}),
+]
+
+
+def layer_violations(graph: Dict[str, Set[str]], stack) -> List[str]:
+    """Each import of ``graph`` that does not go to a layer below the importer's, and each module
+    missing from ``stack``."""
+    level = {module: i for i, (_, modules) in enumerate(stack) for module in modules}
+    found = [f"{module} is in no layer" for module in sorted(graph.keys() - level.keys())]
+    for module in sorted(graph.keys() & level.keys()):
+        for imported in sorted(graph[module]):
+            if level.get(imported, len(stack)) >= level[module]:
+                found.append(f"{module} ({stack[level[module]][0]}) imports {imported}")
+    return found
+
+
+def test_the_layer_checker_finds_an_upward_import_and_a_missing_module():
+    stack = [("bottom", {"a"}), ("top", {"b"})]
+    assert layer_violations({"a": set(), "b": {"a"}}, stack) == []
+    assert layer_violations({"a": {"b"}, "b": set(), "c": set()}, stack) == ["c is in no layer", "a (bottom) imports b"]
+
+
+def test_every_module_imports_only_from_the_layers_below_its_own():
     graph = import_graph()
-    assert {"_backend", "function", "modules", "checkpointing"} <= graph.keys()
-    assert "reference" in graph["_backend"]  # the reader sees relative imports
-    cycle = find_cycle(graph)
+    assert "reference" in graph["ops"] and "ops" in graph["autograd"]  # the reader sees relative imports
+    assert not layer_violations(graph, STACK)
+
+
+def test_no_import_cycle_in_the_package():
+    cycle = find_cycle(import_graph())
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 

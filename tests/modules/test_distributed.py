@@ -47,7 +47,8 @@ def _run_ranks(directory, world_size: int, scenarios) -> list:
     """Runs ``scenarios`` in order in ``world_size`` processes, within TIMEOUT_S; returns each rank's output."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(ckbn.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    tests_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shared helpers
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, tests_root, env.get("PYTHONPATH")]))
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     port = str(_free_port())
@@ -327,7 +328,7 @@ def errors(rank: int, world_size: int) -> None:
 def recalibrate(rank: int, world_size: int, shards: str) -> None:
     """ckbn.recalibrate over each rank's shard of batches (uneven, one empty) equals the population
     statistics of all the batches in one process, on every rank, after one collective."""
-    from test_recalibrate import assert_matches_population, population_statistics, shifted_batches, small_model
+    from recalibration_oracle import assert_matches_population, population_statistics, shifted_batches, small_model
 
     shards = [int(n) for n in shards.split(",")]
     batches = shifted_batches((3, 4, 4), [2, 5, 3, 1, 4][: sum(shards)])

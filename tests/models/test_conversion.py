@@ -6,6 +6,7 @@ keys, the same tensors (shared), and one count per checkpointed batch.
 """
 
 import copy
+import inspect
 import logging
 import pickle
 
@@ -190,3 +191,34 @@ def test_report_of_timm_efficientnet(timm):
     assert set(report.converted) == norms and not report.left
     assert not any(isinstance(m, timm.layers.BatchNormAct2d) for m in converted.modules())
     assert str(report).startswith(f"ckbn.convert_model: {len(norms)} layers converted, 0 left")
+
+
+@pytest.mark.parametrize("materialised", [False, True], ids=["unmaterialised", "materialised"])
+def test_convert_model_converts_torch_lazy_modules(materialised):
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.LazyBatchNorm2d(momentum=0.3))
+
+    model, reference = build(), build()
+    x = torch.randn(4, 2, 3, 3)
+    if materialised:
+        for m in (model, reference):
+            m(x)  # torch's lazy module is now a torch.nn.BatchNorm2d
+    weight = model[1].weight
+    converted = ckbn.convert_model(model)
+    assert converted is model and model[1].weight is weight  # shared, uninitialised or not
+    assert type(model[1]) is (ckbn.BatchNorm2d if materialised else ckbn.LazyBatchNorm2d)
+    torch.testing.assert_close(model(x), reference(x))
+    assert type(model[1]) is ckbn.BatchNorm2d and model[1].weight is weight
+    torch.testing.assert_close(model.state_dict(), reference.state_dict())
+
+
+@pytest.mark.skipif(
+    "bias" not in inspect.signature(torch.nn.BatchNorm2d).parameters, reason="this torch has no bias=False"
+)
+def test_convert_model_keeps_a_missing_bias():
+    bn = torch.nn.BatchNorm2d(3, bias=False)
+    converted = ckbn.convert_model(bn)
+    assert converted.bias is None and list(converted.state_dict()) == list(bn.state_dict())
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(converted(x), torch.nn.BatchNorm2d(3, bias=False)(x))
