@@ -4,7 +4,7 @@ Its forward is the normalize op alone: the per-channel statistics arrive as inpu
 caller or replayed from a record (see :mod:`ckbn.checkpoint`). It saves exactly the input, the weight
 (and the bias, when a fused activation needs it) and the per-channel mean and invstd, and its
 first-order backward is the fused backward op on those. It never reads or writes running buffers;
-that policy belongs to the module.
+that policy is :mod:`ckbn.policy`'s.
 
 Every other derivative comes from :func:`batch_norm_composite`, the same computation in torch
 operations: a backward run under grad mode (``create_graph=True``, double backward), forward-mode AD
