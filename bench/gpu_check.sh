@@ -5,7 +5,7 @@
 #   2. the CUDA tests (tests/ops/test_cuda.py; tests with "cuda" in their id elsewhere, torch.compile's
 #      aside), bench/gpu_smoke.py (every op, both layouts), bench/sync_nccl_check.py (SyncBatchNorm
 #      over NCCL, world size 1)
-#   3. compute-sanitizer memcheck and racecheck over bench/gpu_smoke.py
+#   3. compute-sanitizer memcheck, racecheck, synccheck and initcheck over bench/gpu_smoke.py
 #   4. bench/ops.py --device cuda over ResNet-50's BatchNorm shapes, with the time that is left
 #      but a reserve for
 #   5. the cold torch.compile tests (tests/modules/test_compile.py -k cuda), under their own cap
@@ -166,16 +166,21 @@ if [[ "$MODE" == all ]]; then
   # -------------------------------------------------------------------------------------------
   # 3. compute-sanitizer over the smoke workload, which exits 3 when ckbn has no CUDA kernels, so
   # that a pass means ckbn's kernels ran. Without the caching allocator every tensor is its own
-  # allocation, so memcheck sees accesses past a tensor's end.
+  # allocation, so memcheck sees accesses past a tensor's end. memcheck: out-of-bounds and
+  # misaligned accesses; racecheck: shared-memory races (the block merges, the coefficient tables);
+  # synccheck: barriers not every thread of the block reaches; initcheck: reads of global memory
+  # nothing wrote, with the smoke's NaN fill of new tensors off so that such reads stay visible.
   if command -v compute-sanitizer > /dev/null 2>&1 || dry; then
     FILTER=(--print-limit 20)
     if command -v compute-sanitizer > /dev/null 2>&1 && compute-sanitizer --help 2>&1 | grep -q -- '--kernel-name'; then
       FILTER+=(--kernel-name kns=ckbn)  # check ckbn's kernels, not torch's
     fi
-    for tool in memcheck racecheck; do
-      step "sanitizer: $tool" 120 "$OUT_DIR/sanitizer.log" --gpu \
+    for tool in memcheck racecheck synccheck initcheck; do
+      SMOKE_ARGS=(--device cuda)
+      [[ "$tool" == initcheck ]] && SMOKE_ARGS+=(--no-fill)
+      step "sanitizer: $tool" 90 "$OUT_DIR/sanitizer.log" --gpu \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" "${FILTER[@]}" --error-exitcode 1 \
-        $PYTHON bench/gpu_smoke.py --device cuda
+        $PYTHON bench/gpu_smoke.py "${SMOKE_ARGS[@]}"
       grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT_DIR/sanitizer.log" | tail -n 1 | sed 's/^/    /'
     done
   else

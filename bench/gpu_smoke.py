@@ -1,10 +1,16 @@
 """Every ckbn operator on small inputs in both layouts, checked against ckbn.reference.
 
-    python bench/gpu_smoke.py [--device cuda|cpu]
+    python bench/gpu_smoke.py [--device cuda|cpu] [--no-fill]
 
-It is the workload gpu_check.sh runs under compute-sanitizer (small enough for memcheck and
-racecheck, yet reaching the scalar, vector, partial-tile, split-channel and fused paths), and its
-test of last resort when pytest is not installed. Exits with status 1 on any mismatch, and with
+It is the workload gpu_check.sh runs under compute-sanitizer's memcheck, racecheck, synccheck and
+initcheck (small enough for them, yet reaching the scalar, vector, partial-tile, split-channel,
+fused and shared-coefficient-table paths, and on an H100/H200's 132 SMs blocks that walk several
+units of work in both layouts), and its test of last resort when pytest is not installed.
+
+Outputs are checked with torch.use_deterministic_algorithms(True) and
+torch.utils.deterministic.fill_uninitialized_memory, so every element a kernel forgets to write
+is NaN (or the dtype's largest value) and fails the comparison; --no-fill leaves new memory
+uninitialized, for initcheck to see such reads. Exits with status 1 on any mismatch, and with
 status 3 when CKBN_REQUIRE_EXTENSION=1 and ckbn._C has no kernels for the device (so that a
 sanitizer run over it cannot pass without running a ckbn kernel).
 """
@@ -16,19 +22,31 @@ import os
 import sys
 
 import torch
+import torch.utils.deterministic
 
 from ckbn import ops, reference
 
 EPS = 1e-5
-# (shape, layout, dtype): what each reaches is in the comment.
+# (shape, layout, dtype, fused activations): what each reaches is in the comment. Layouts: "planes"
+# (contiguous), "last" (channels_last), "sliced" (a view that needs a copy), "offset" (contiguous,
+# its storage starting one element in). Units per block are for 132 SMs at up to 4 blocks each.
 CASES = [
-    ((4, 3, 5, 7), "planes", torch.float32),  # scalar loads, fused backward
-    ((8, 16, 8, 8), "planes", torch.float16),  # 16-byte loads
-    ((2, 2, 256, 256), "planes", torch.float32),  # channel split across blocks, staged partials
-    ((8, 37, 6, 6), "last", torch.float32),  # odd C: scalar, two channel tiles, the second partial
-    ((8, 16, 8, 8), "last", torch.bfloat16),  # vector loads, C a multiple of the tile
-    ((2, 16, 128, 128), "last", torch.float32),  # rows split across blocks
-    ((256, 24), "planes", torch.float64),  # BatchNorm1d
+    ((4, 3, 5, 7), "planes", torch.float32, ()),  # scalar loads, fused backward
+    ((8, 16, 8, 8), "planes", torch.float16, ()),  # 16-byte loads
+    ((2, 2, 256, 256), "planes", torch.float32, ()),  # channel split across blocks, staged partials
+    ((8, 37, 6, 6), "last", torch.float32, ()),  # odd C: scalar, two channel tiles, the second partial
+    ((8, 16, 8, 8), "last", torch.bfloat16, ()),  # vector loads, C a multiple of the tile
+    ((2, 16, 128, 128), "last", torch.float32, ()),  # rows split across blocks
+    ((256, 24), "planes", torch.float64, ()),  # BatchNorm1d
+    ((4, 4096, 3), "planes", torch.float16, ("silu",)),  # 4096 planes: grid-stride, several a block
+    ((2, 20001, 1, 2), "last", torch.float16, ("silu",)),  # 626 channel tiles: grid-stride
+    ((2, 33001), "planes", torch.float32, ()),  # 2-D, 1032 channel tiles: grid-stride
+    ((8, 64, 6, 6), "last", torch.float16, ("silu", "hardswish")),  # the shared coefficient table
+    ((8, 64, 6, 6), "last", torch.bfloat16, ("silu", "hardswish")),
+    ((16, 1, 9, 9), "planes", torch.float32, ("silu",)),  # C = 1
+    ((16, 1, 9, 9), "last", torch.float16, ()),
+    ((6, 5, 8, 10), "sliced", torch.float32, ("hardswish",)),
+    ((8, 16, 8, 8), "offset", torch.float16, ()),  # misaligned for 16-byte loads: narrower ones
 ]
 TOL = {
     torch.float64: dict(rtol=1e-9, atol=1e-9),
@@ -39,7 +57,14 @@ TOL = {
 
 
 def in_layout(x, layout):
-    return x.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "last" else x.contiguous()
+    if layout == "last":
+        return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "sliced":
+        return torch.cat([x, x], dim=-1)[..., 1::2]
+    if layout == "offset":
+        storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+        return storage[1:].view(x.shape).copy_(x)
+    return x.contiguous()
 
 
 def check(name, got, want, tol, failures, scale=1.0):
@@ -55,7 +80,7 @@ def check(name, got, want, tol, failures, scale=1.0):
 def run(ops, device) -> list:
     failures: list = []
     gen = torch.Generator(device=device).manual_seed(0)
-    for shape, layout, dtype in CASES:
+    for shape, layout, dtype, activations in CASES:
         label = f"{shape} {layout} {str(dtype).replace('torch.', '')}"
         make = lambda: in_layout(  # noqa: E731
             (torch.randn(shape, generator=gen, device=device, dtype=torch.float64) * 3 + 5).to(dtype), layout
@@ -102,6 +127,19 @@ def run(ops, device) -> list:
             tol,
             failures,
         )
+        for activation in activations:
+            tag = f"{label} {activation}"
+            check(
+                f"{tag} normalize",
+                ops.normalize(x, mean, invstd, weight, bias, activation, 0.0),
+                reference.normalize(x, mean, invstd, weight, bias, activation, 0.0),
+                tol,
+                failures,
+            )
+            got = ops.backward(dy, x, mean, invstd, weight, True, [True, True, True], bias, activation, 0.0)
+            want = reference.backward(dy, x, mean, invstd, weight, True, [True, True, True], bias, activation, 0.0)
+            check(f"{tag} backward grad_input", got[0], want[0], tol, failures)
+            check(f"{tag} backward grads", got[1:], want[1:], tol, failures, scale=count**0.5)
         print(f"{'ok  ' if not any(f.startswith(label) for f in failures) else 'FAIL'} {label}", flush=True)
     return failures
 
@@ -109,7 +147,11 @@ def run(ops, device) -> list:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--no-fill", action="store_true", help="leave new memory uninitialized (for initcheck)")
     args = parser.parse_args()
+    if not args.no_fill:
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2

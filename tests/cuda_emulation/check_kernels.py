@@ -1,11 +1,19 @@
 """Runs the emulated CUDA kernels (see build.py) against ckbn.reference on CPU tensors.
 
     CKBN_BACKEND=reference python tests/cuda_emulation/check_kernels.py [-k SUBSTRING] [--dtypes float32,...]
+        [--device small|h200] [--ops batch_stats,...] [--sanitizer thread|address] [--defect NAME]
 
 The shapes are chosen so that every path of csrc/cuda runs: scalar and vector loads, channel
 tiles that C does not fill, channels split across blocks (batch and spatial splits, staged partial
 results) and whole channels in one block (the fused backward), 2-D to 5-D input, storage offsets,
-empty input, and each fused activation. Exits with status 1 if any case differs from the reference.
+empty input, and each fused activation. They run on a small emulated device (4 SMs, 2 blocks
+each); `--device h200` runs H200_CASES on the SM count of an H100/H200 instead, where blocks take
+several units of work (grid-stride) in both layouts. Exits with status 1 if any case differs
+from the reference or an operator fails.
+
+`--sanitizer` runs a sanitized build (see build.py), restarting itself with the sanitizer's runtime
+preloaded (build.runtime_environment). `--defect` runs a build with one of build.DEFECTS seeded, of only the
+operators it needs, for the tests that prove each check catches its defect.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ckbn import reference as ref  # noqa: E402
+
+import build  # noqa: E402
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # (name, shape, layout): layout is "planes" (contiguous), "last" (channels innermost), "offset"
@@ -55,6 +65,19 @@ CASES = [
 ]
 # Dtypes each case runs in: all for small cases, the two extremes for the large ones.
 LARGE = {"split-batch", "split-spatial", "split-rows", "batchnorm1d-split"}
+# On 132 SMs with 2 resident blocks each, 264 blocks take 1500 channels of planes (6 each), 266
+# channels_last tiles split in 6 row ranges (7 units a block, then finalized), and 266 tiles of
+# 2-D input whole (2 units for some blocks; the backward fused).
+H200_CASES = [
+    ("h200-planes", (3, 1500, 5), "planes"),
+    ("h200-rows-split", (3, 8511, 1, 2), "last"),
+    ("h200-rows", (2, 8511), "planes"),
+]
+DEVICES = {
+    "small": {},
+    "h200": {"CKBN_EMULATED_SMS": "132", "CKBN_EMULATED_BLOCKS_PER_SM": "2", "CKBN_EMULATED_L2_BYTES": str(50 << 20)},
+}
+OPS = ("batch_stats", "normalize", "backward", "backward_reduce", "backward_elemt", "update_running_stats")
 
 
 def make_input(shape, layout, dtype, gen):
@@ -105,7 +128,20 @@ def compare(name, got, want, tol, failures):
         failures.append(f"{name}: {exc}")
 
 
-def run_case(label, shape, layout, dtype, gen, failures):
+# The backward's (train, output mask) variants: all, or a few that take each kernel (`--quick`).
+MASKS = (
+    (True, [True, True, True]),
+    (True, [True, False, False]),
+    (False, [True, True, True]),
+    (False, [True, False, False]),
+    (False, [False, True, True]),
+    (True, [False] * 3),
+    (False, [False] * 3),
+)
+QUICK_MASKS = ((True, [True, True, True]), (False, [True, False, False]), (False, [False, True, True]))
+
+
+def run_case(label, shape, layout, dtype, gen, failures, wanted=OPS, fused=FUSED, quick=False):
     ops = torch.ops.ckbn
     acc = ref.stats_dtype(dtype)
     stats_tol = STATS_TOL.get(dtype, dict(rtol=1e-5, atol=1e-5))
@@ -113,10 +149,14 @@ def run_case(label, shape, layout, dtype, gen, failures):
     x = make_input(shape, layout, dtype, gen)
     eps = 1e-5
     compare(f"{label} batch_stats", ops.batch_stats(x, eps), ref.batch_stats(x, eps), stats_tol, failures)
+    if wanted == ("batch_stats",):
+        return
     mean, invstd = ref.batch_stats(x, eps)
     channels = shape[1]
     dy = make_input(shape, "planes", dtype, gen)  # grad_output in a different layout than last input
-    for param_dtype in (dtype, acc, None):
+    # Parameters in the input's dtype, the accumulation dtype (mixed precision) and none; --quick
+    # leaves out the first where it differs from the second.
+    for param_dtype in (acc, None) if quick else (dtype, acc, None):
         weight = bias = None
         if param_dtype is not None:
             weight = torch.rand(channels, generator=gen, dtype=torch.float64).add(0.5).to(param_dtype)
@@ -129,15 +169,7 @@ def run_case(label, shape, layout, dtype, gen, failures):
             out_tol,
             failures,
         )
-        for train, mask in (
-            (True, [True, True, True]),
-            (True, [True, False, False]),
-            (False, [True, True, True]),
-            (False, [True, False, False]),
-            (False, [False, True, True]),
-            (True, [False] * 3),
-            (False, [False] * 3),
-        ):
+        for train, mask in QUICK_MASKS if quick else MASKS:
             got = ops.backward(dy, x, mean, invstd, weight, train, mask)
             want = ref.backward(dy, x, mean, invstd, weight, train, mask)
             # grad_weight and grad_bias are sums over the batch: compare relative to their size.
@@ -146,7 +178,7 @@ def run_case(label, shape, layout, dtype, gen, failures):
             compare(f"{tag} backward train={train} mask={mask} grads", got[1:], want[1:], sums_tol, failures)
             if got[1].dtype != want[1].dtype or got[2].dtype != want[2].dtype:
                 failures.append(f"{tag} backward dtypes {got[1].dtype}, {got[2].dtype} != {want[1].dtype}")
-    run_fused(label, x, dy, mean, invstd, gen, out_tol, failures)
+    run_fused(label, x, dy, mean, invstd, gen, out_tol, failures, fused, QUICK_MASKS[:1] if quick else QUICK_MASKS)
     sums = ref.backward_reduce(dy, x, mean)
     sums_tol = dict(
         rtol=1e-4 if dtype != torch.float64 else 1e-10,
@@ -165,14 +197,14 @@ def run_case(label, shape, layout, dtype, gen, failures):
     )
 
 
-def run_fused(label, x, dy, mean, invstd, gen, out_tol, failures):
+def run_fused(label, x, dy, mean, invstd, gen, out_tol, failures, fused=FUSED, masks=QUICK_MASKS):
     """normalize and backward with each fused activation; the bias spreads z over every piece."""
     ops = torch.ops.ckbn
     channels = x.size(1)
     weight = torch.rand(channels, generator=gen, dtype=torch.float64).add(0.5).mul(2).to(x.dtype)
     bias = torch.randn(channels, generator=gen, dtype=torch.float64).mul(2).to(x.dtype)
     sums_tol = dict(rtol=out_tol["rtol"], atol=out_tol["atol"] * max(1, x.numel() // channels) ** 0.5)
-    for activation, param in FUSED:
+    for activation, param in fused:
         tag = f"{label} {activation}"
         compare(
             f"{tag} normalize",
@@ -181,7 +213,7 @@ def run_fused(label, x, dy, mean, invstd, gen, out_tol, failures):
             out_tol,
             failures,
         )
-        for train, mask in ((True, [True, True, True]), (False, [True, False, False]), (False, [False, True, True])):
+        for train, mask in masks:
             got = ops.backward(dy, x, mean, invstd, weight, train, mask, bias, activation, param)
             want = ref.backward(dy, x, mean, invstd, weight, train, mask, bias, activation, param)
             compare(f"{tag} backward train={train} mask={mask} grad_input", got[0], want[0], out_tol, failures)
@@ -221,28 +253,54 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="run only cases whose label contains this")
     parser.add_argument("--dtypes", help="comma-separated subset of float64,float32,float16,bfloat16")
+    parser.add_argument("--device", choices=tuple(DEVICES), default="small", help="the emulated device and its cases")
+    parser.add_argument("--ops", default=",".join(OPS), help="batch_stats alone, or all (the default)")
+    parser.add_argument("--sanitizer", choices=("thread", "address"), help="run a sanitized build")
+    parser.add_argument("--defect", choices=sorted(build.DEFECTS), help="run a build with this defect seeded")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer parameter dtypes and backward masks per case (for the sanitizers)"
+    )
     args = parser.parse_args()
     if os.environ.get("CKBN_BACKEND") != "reference":
         print("set CKBN_BACKEND=reference: the emulated kernels define the ckbn library themselves")
         return 2
-    import build
-
-    build.load()
+    if args.sanitizer and os.environ.get("CKBN_EMULATED_SANITIZER") != args.sanitizer:
+        # The sanitizer's runtime must be loaded before anything else: start again under it.
+        env = build.runtime_environment(args.sanitizer)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    wanted = tuple(args.ops.split(","))
+    if wanted not in (("batch_stats",), OPS):
+        parser.error("--ops: batch_stats, or all of " + ",".join(OPS))
+    # Read by the first launch plan of the process (the device's SM count is cached).
+    os.environ.update(DEVICES[args.device])
+    # A defect build holds only the operators batch_stats needs.
+    build.load(sanitizer=args.sanitizer, defect=args.defect, units=["stats.cu"] if args.defect else None)
     gen = torch.Generator().manual_seed(0)
     failures: list[str] = []
     runs = 0
-    wanted = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else DTYPES
-    for name, shape, layout in CASES:
-        for dtype in [d for d in (DTYPES[:2] if name in LARGE else DTYPES) if d in wanted]:
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else DTYPES
+    quick = args.quick
+    if args.device == "h200":
+        # 264 blocks a launch: float32 and bfloat16 (its bit tricks), the quick matrix.
+        dtypes = dtypes if args.dtypes else [torch.float32, torch.bfloat16]
+        quick = True
+    cases = H200_CASES if args.device == "h200" else CASES
+    # On the large device, the fused activation whose coefficient table is shared (SiLU) only.
+    fused = [("silu", 0.0)] if args.device == "h200" else FUSED
+    for name, shape, layout in cases:
+        for dtype in [d for d in (DTYPES[:2] if name in LARGE else DTYPES) if d in dtypes]:
             label = f"{name} {shape} {layout} {str(dtype).replace('torch.', '')}"
             if args.k not in label:
                 continue
             start = time.time()
             before = len(failures)
-            run_case(label, shape, layout, dtype, gen, failures)
+            try:
+                run_case(label, shape, layout, dtype, gen, failures, wanted, fused, quick)
+            except RuntimeError as exc:  # an operator refused: a launch check, a barrier mismatch
+                failures.append(f"{label}: {exc}")
             runs += 1
             print(f"{'ok  ' if len(failures) == before else 'FAIL'} {label} ({time.time() - start:.1f} s)", flush=True)
-    if "running" in args.k or not args.k:
+    if "update_running_stats" in wanted and args.device == "small" and ("running" in args.k or not args.k):
         before = len(failures)
         run_running_stats(gen, failures)
         runs += 1
@@ -250,6 +308,9 @@ def main() -> int:
     for failure in failures:
         print(failure)
     print(f"{runs} cases, {len(failures)} mismatches")
+    if runs == 0:
+        print("no case ran")
+        return 1
     return 1 if failures else 0
 
 
