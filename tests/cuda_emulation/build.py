@@ -95,6 +95,19 @@ DEFECTS = {
         ],
         "the barrier check",
     ),
+    # Lane 0 alone waits at the warp barrier, its warp's other lanes at the next block barrier:
+    # neither can complete (on a GPU, a hang).
+    "unpaired-barriers": (
+        "kernels.cuh",
+        [
+            (
+                "    __syncwarp();  // every lane has read `shared` before lane 0 overwrites its first entry\n"
+                "    if (lane == 0) {\n",
+                "    if (lane == 0) {\n      __syncwarp();\n",
+            )
+        ],
+        "the barrier check",
+    ),
     # Blocks of twice the threads the kernels are compiled for.
     "block-over-launch-bounds": (
         "launch_plan.h",

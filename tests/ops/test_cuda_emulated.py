@@ -92,6 +92,13 @@ SEEDED = [
         r"thread \d+ at __syncthreads at \S+kernels.cuh:(?!\1)\d+",
     ),
     (
+        "unpaired-barriers",
+        None,
+        "vector (8, 16, 8, 8) planes float32",
+        r"barriers that cannot pair \(the block would hang\): threads 0\.\.0 __syncwarp at \S+kernels.cuh:\d+; "
+        r"threads 1\.\.511 __syncthreads at \S+kernels.cuh:\d+;",
+    ),
+    (
         "block-over-launch-bounds",
         None,
         "vector (8, 16, 8, 8) planes float32",
