@@ -18,6 +18,12 @@ Cases (ckbn | torch):
   relu-ckpt-step, silu-ckpt-step
               ckpt-step with the fused layer                   | ckpt-step with BatchNorm + ReLU/SiLU(inplace=True)
 
+--compiled (the default on CUDA) also times, for fwd+bwd, relu-fwd+bwd and silu-fwd+bwd, torch's
+BatchNorm (+ activation) module under torch.compile (Inductor's generated kernels), the other
+fused implementation a user could pick, in the same process and alternating with ckbn; the
+compiled/ckbn column is its time over ckbn's (above 1: ckbn is faster). Compilation happens in the
+warm-up.
+
 Method. CPU: torch.set_num_threads(--threads), ckbn and torch runs alternate, the minimum of --runs
 runs is reported. CUDA: CUDA events around each call, after a warm-up; ckbn and torch alternate
 and rotate among enough input buffers that the L2 cache holds none of them; the median is
@@ -107,6 +113,8 @@ class Row:
     tensor_mib: float
     bandwidth: Optional[float] = None  # fraction of copy bandwidth (CUDA)
     passes: Optional[int] = None  # passes over the tensor behind `bandwidth`
+    compiled_ms: Optional[float] = None  # torch's module under torch.compile (--compiled)
+    compiled_ratio: Optional[float] = None  # compiled / ckbn
     targets: List[str] = field(default_factory=list)
     missed: List[str] = field(default_factory=list)
 
@@ -215,7 +223,8 @@ def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 class Setup:
     """Inputs, parameters, statistics and prebuilt autograd graphs for one shape, layout and dtype."""
 
-    def __init__(self, ops, shape, layout, dtype, device, buffers):
+    def __init__(self, ops, shape, layout, dtype, device, buffers, compiled=False):
+        self.compiled = compiled
         self.ops = ops
         channels = shape[1]
         acc = reference.stats_dtype(dtype)
@@ -297,11 +306,19 @@ class Setup:
         ]
         torch_checkpoint = lambda fn, x: torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)  # noqa: E731
 
+        def compiled_step(module):
+            # Compiled on first use (the warm-up); fullgraph: a graph break would time eager code.
+            return module_step(torch.compile(module, fullgraph=True)) if self.compiled else None
+
         fused_cases = {}
         for act, torch_act in FUSED_ACTIVATIONS.items():
             fused = FusedBatchNorm(batch_norm(ckbn_bn), act)
             unfused = torch.nn.Sequential(batch_norm(torch_bn), torch_act(inplace=True))
-            fused_cases[f"{act}-fwd+bwd"] = (module_step(fused), module_step(unfused))
+            fused_cases[f"{act}-fwd+bwd"] = (
+                module_step(fused),
+                module_step(unfused),
+                compiled_step(torch.nn.Sequential(batch_norm(torch_bn), torch_act(inplace=True))),
+            )
             fused_cases[f"{act}-ckpt-step"] = (
                 module_step(fused, ckbn.checkpoint),
                 module_step(unfused, torch_checkpoint),
@@ -322,7 +339,7 @@ class Setup:
                 lambda i: self.torch_train(self.x[i]),
             ),
             "bwd": (self.ckbn_backward, self.torch_backward),
-            "fwd+bwd": (ckbn_fwd_bwd, torch_fwd_bwd),
+            "fwd+bwd": (ckbn_fwd_bwd, torch_fwd_bwd, compiled_step(batch_norm(torch_bn))),
             "ckpt-step": (checkpointed_step(ckbn_bn, ckbn.checkpoint), checkpointed_step(torch_bn, torch_checkpoint)),
         }
 
@@ -382,6 +399,9 @@ def markdown(meta: dict, rows: List[Row], device: str) -> str:
     head = ["case", "shape", "layout", "dtype", "ckbn ms", "torch ms", "torch/ckbn"]
     if device == "cuda":
         head.append("bandwidth")
+    with_compiled = any(r.compiled_ms is not None for r in rows)
+    if with_compiled:
+        head += ["torch.compile ms", "compiled/ckbn"]
     head += ["target", "met"]
     lines = [
         f"# ckbn op benchmark ({device})",
@@ -403,6 +423,8 @@ def markdown(meta: dict, rows: List[Row], device: str) -> str:
         ]
         if device == "cuda":
             cells.append("" if r.bandwidth is None else f"{100 * r.bandwidth:.0f}% of {r.passes} passes")
+        if with_compiled:
+            cells += ["", ""] if r.compiled_ms is None else [f"{r.compiled_ms:.3f}", f"{r.compiled_ratio:.2f}x"]
         cells += [
             "; ".join(r.targets),
             ("MISSED: " + "; ".join(r.missed)) if r.missed else ("yes" if r.targets else ""),
@@ -462,9 +484,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", help="default bench/out/ops-<device>.json")
     parser.add_argument("--md", help="default bench/out/ops-<device>.md")
     parser.add_argument("--plot", help="PNG of ratios per shape (needs matplotlib); default bench/out/ops-<device>.png")
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        help="also time torch's modules under torch.compile (default: on for CUDA, off for CPU)",
+    )
     args = parser.parse_args(argv)
 
     device = args.device
+    compiled = args.compiled if args.compiled is not None else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("ERROR: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -509,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
                 buffers = buffer_count(device, nbytes)
                 timer = Timer(device, runs, warmup=3 if device == "cuda" else 2, buffers=buffers)
-                setup = Setup(ops, shape, layout, dtype, device, buffers)
+                setup = Setup(ops, shape, layout, dtype, device, buffers, compiled)
                 copy = copy_ms(timer, setup.x[0], buffers) if device == "cuda" else None
                 passes = dict(FORWARD_PASSES)
                 if copy is not None:
@@ -518,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"  backward: {bwd} passes ({how})", flush=True)
                 functions = setup.cases()
                 for case in cases:
-                    ckbn_fn, torch_fn = functions[case]
+                    ckbn_fn, torch_fn, *compiled = functions[case]
                     ckbn_ms, torch_ms = timer.pair(ckbn_fn, torch_fn)
                     row = Row(
                         case,
@@ -530,6 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         torch_ms / ckbn_ms,
                         nbytes / 2**20,
                     )
+                    if compiled and compiled[0] is not None:
+                        ckbn_again_ms, row.compiled_ms = timer.pair(ckbn_fn, compiled[0])
+                        row.compiled_ratio = row.compiled_ms / ckbn_again_ms
                     if copy is not None and case in passes:
                         row.passes = passes[case]
                         row.bandwidth = copy * passes[case] / 2 / ckbn_ms
@@ -541,6 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f"{case:<14} {'x'.join(map(str, shape)):<18} {layout:<6} {row.dtype:<9} {ckbn_ms:9.3f} "
                         f"{torch_ms:9.3f} {row.ratio:6.2f}x"
                         + (f" {100 * row.bandwidth:4.0f}%" if row.bandwidth is not None else "")
+                        + (f"  compiled/ckbn {row.compiled_ratio:.2f}x" if row.compiled_ratio else "")
                         + ("  " + "; ".join(row.targets) if row.targets else "")
                         + ("  MISSED" if row.missed else ""),
                         flush=True,

@@ -75,13 +75,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
             }
             const std::initializer_list<const void*> pointers{
                 element.x, element.dy, need_input ? grad_input.data_ptr() : nullptr};
-            const plan::Plan split_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view);
+            const plan::Plan split_plan =
+                plan_grad_reduction<scalar_t, kAct, false>(g, pointers, view);
             plan::Plan fused_plan;
             bool fused = false;
             if (need_input) {
               // A unit holding a whole channel can write its grad_input in the same kernel, while
               // the channel's data is still in L2: fused when the planner finds that cheaper.
-              fused_plan = plan_grad_reduction<scalar_t, kAct>(g, pointers, view, /*max_splits=*/1);
+              fused_plan =
+                  plan_grad_reduction<scalar_t, kAct, true>(g, pointers, view, /*max_splits=*/1);
               fused =
                   plan::fuse_backward(plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
                                       plan_grad_elementwise<scalar_t, kAct>(g, pointers, view),
@@ -97,18 +99,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                 channel_output<scalar_t, acc_t>(grad_weight, need_weight),
                 channel_output<scalar_t, acc_t>(grad_bias, need_bias),
                 element};
-            at::Tensor sums;
             if (fused) {
               red.element.out = grad_input.data_ptr<scalar_t>();
-            } else if (need_input && train) {
+              run_grad_reduction(red.with_fused_input(), fused_plan, g, view);
+              return;
+            }
+            at::Tensor sums;
+            if (need_input && train) {
               sums = at::empty({2, g.channels}, mean_c.options());
               red.sum_dy = sums[0].data_ptr<acc_t>();
               red.sum_dy_xmu = sums[1].data_ptr<acc_t>();
               element.dy_term = red.sum_dy;
               element.dy_xmu_term = red.sum_dy_xmu;
             }
-            run_grad_reduction(red, fused ? fused_plan : split_plan, g, view);
-            if (need_input && !fused) {
+            run_grad_reduction(red, split_plan, g, view);
+            if (need_input) {
               run_grad_input(element, grad_input, g, view);
             }
           });
@@ -146,10 +151,10 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
         red.mean = mean_c.const_data_ptr<acc_t>();
         red.sum_dy = sum_dy.data_ptr<acc_t>();
         red.sum_dy_xmu = sum_dy_xmu.data_ptr<acc_t>();
-        run_grad_reduction(
-            red,
-            plan_grad_reduction<scalar_t, math::Activation::Identity>(g, {red.x, red.dy}, view), g,
-            view);
+        run_grad_reduction(red,
+                           plan_grad_reduction<scalar_t, math::Activation::Identity, false>(
+                               g, {red.x, red.dy}, view),
+                           g, view);
       });
   return {sum_dy, sum_dy_xmu};
 }

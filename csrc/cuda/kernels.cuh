@@ -7,8 +7,9 @@
 //   ChannelsLast [rows][C]: a tile is a run of adjacent channels; its blocks walk rows, and a warp
 //     reads adjacent channels of a row, which are contiguous.
 // A launch is a list of units, each a tile or one split of a tile (when whole tiles would leave
-// the GPU idle), taken by the blocks in a grid-stride loop. Split reductions leave partial results
-// in a staging buffer that `finalize_kernel` merges.
+// the GPU idle), taken by the blocks in a grid-stride loop. The blocks of a split reduction leave
+// partial results in a staging buffer, and the last of a tile's blocks to finish merges them (one
+// launch: no second kernel, whose fixed cost would dominate the small late layers).
 //
 // Two kinds of kernel cover the six operators:
 //   reduce_*: per-channel reductions (Welford moments for batch_stats; sum(dy) and
@@ -36,6 +37,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -46,6 +48,8 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -98,15 +102,6 @@ __device__ __forceinline__ acc_t lane_value(const Pack<scalar_t, VEC>& p, int v)
   }
 }
 
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_pack(const scalar_t* data, int64_t offset, acc_t* out) {
-  const Pack<scalar_t, VEC> pack = load_raw<VEC>(data, offset);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    out[i] = static_cast<acc_t>(pack.v[i]);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Per-channel parameters.
 
@@ -150,6 +145,7 @@ struct NormalizeElementwise {
   using acc_t = acc_t_;
   using Coeffs = math::NormalizeCoeffs<acc_t>;
   static constexpr int kInputs = 1;
+  static constexpr plan::Kind kKind = plan::Kind::Elementwise;
   static constexpr int kCoeffFields = 3;  // of Coeffs, that apply reads
 
   const scalar_t* x;
@@ -179,6 +175,7 @@ struct BackwardElementwise {
   using acc_t = acc_t_;
   using Coeffs = math::BackwardCoeffs<acc_t>;
   static constexpr int kInputs = 2;
+  static constexpr plan::Kind kKind = plan::Kind::Elementwise;
   static constexpr int kCoeffFields = act == math::Activation::Identity ? 4 : 5;  // shift: z only
 
   const scalar_t* x;
@@ -240,6 +237,7 @@ struct StatsReduction {
   using State = math::Welford<acc_t>;
   using Channel = NoChannelData;
   static constexpr int kInputs = 1;
+  static constexpr plan::Kind kKind = plan::Kind::Reduce;
   static constexpr int kChannelFields = 0;  // of Channel, that add reads
   static constexpr bool kFusable = false;
 
@@ -258,6 +256,14 @@ struct StatsReduction {
     out.mean = __shfl_down_sync(kFullWarp, s.mean, delta);
     out.m2 = __shfl_down_sync(kFullWarp, s.m2, delta);
     out.count = __shfl_down_sync(kFullWarp, s.count, delta);
+    return out;
+  }
+  // A partial state another block stored in this launch, read from L2 (see merge_partial_states).
+  __device__ __forceinline__ static State load_partial(const State* p) {
+    State out;
+    out.mean = __ldcg(&p->mean);
+    out.m2 = __ldcg(&p->m2);
+    out.count = __ldcg(&p->count);
     return out;
   }
   template <int K>
@@ -282,18 +288,21 @@ struct GradSums {
 };
 
 // Per-channel sum(dy) and sum(dy * (x - mean)), and what the backward makes of them: grad_weight,
-// grad_bias, and (fused, when one block holds a whole channel) grad_input. With a fused activation
-// the sums are of dz = dy * act'(z), z recomputed from x.
-template <typename scalar_t, typename acc_t_, math::Activation act = math::Activation::Identity>
+// grad_bias, and (fuse_input, when one block holds a whole channel) grad_input. With a fused
+// activation the sums are of dz = dy * act'(z), z recomputed from x. The fused grad_input is its
+// own instantiation: the reduction alone then holds none of its registers or shared memory.
+template <typename scalar_t, typename acc_t_, math::Activation act = math::Activation::Identity,
+          bool fuse_input = false>
 struct GradReduction {
   using scalar_type = scalar_t;
   using acc_t = acc_t_;
   using State = GradSums<acc_t>;
   using Channel = math::NormalizeCoeffs<acc_t>;  // the channel's mean, and what gives back z
   static constexpr int kInputs = 2;
+  static constexpr plan::Kind kKind = plan::Kind::Reduce;
   // Fields of Channel that add reads: the mean, and with an activation what gives back z.
   static constexpr int kChannelFields = act == math::Activation::Identity ? 1 : 3;
-  static constexpr bool kFusable = true;
+  static constexpr bool kFusable = fuse_input;
 
   const scalar_t* x;
   const scalar_t* dy;
@@ -303,9 +312,13 @@ struct GradReduction {
   acc_t* sum_dy_xmu;
   ChannelOutput<scalar_t, acc_t> grad_weight;
   ChannelOutput<scalar_t, acc_t> grad_bias;
-  BackwardElementwise<scalar_t, acc_t, act> element;  // element.out == nullptr: no fused grad_input
+  BackwardElementwise<scalar_t, acc_t, act> element;  // element.out: the fused grad_input
 
-  __device__ __forceinline__ bool fused() const { return element.out != nullptr; }
+  __device__ __forceinline__ static constexpr bool fused() { return fuse_input; }
+  // The same reduction, writing grad_input (element.out) as it goes.
+  GradReduction<scalar_t, acc_t, act, true> with_fused_input() const {
+    return {x, dy, mean, invstd, sum_dy, sum_dy_xmu, grad_weight, grad_bias, element};
+  }
   __device__ __forceinline__ Channel channel(int64_t c) const {
     if constexpr (act == math::Activation::Identity) {
       return Channel{mean[c], acc_t(1), acc_t(0)};  // backward_reduce has no invstd
@@ -320,6 +333,9 @@ struct GradReduction {
   __device__ __forceinline__ static State shfl_down(const State& s, int delta) {
     return State{__shfl_down_sync(kFullWarp, s.dy, delta),
                  __shfl_down_sync(kFullWarp, s.dy_xmu, delta)};
+  }
+  __device__ __forceinline__ static State load_partial(const State* p) {
+    return State{__ldcg(&p->dy), __ldcg(&p->dy_xmu)};
   }
   template <int K>
   __device__ __forceinline__ void add(State& s, const acc_t* x_values, const acc_t* dy_values,
@@ -371,6 +387,7 @@ struct PlaneTiling {
   int64_t batch_chunk;
   int64_t spatial_chunk;   // a multiple of the vector width
   int64_t spatial_splits;  // rectangles along spatial for each batch chunk
+  int64_t splits;          // units per channel
   int64_t units;           // channels * splits
   GridStep step;
 };
@@ -381,7 +398,8 @@ struct RowTiling {
   int64_t channels;
   int64_t row_chunk;
   int64_t tiles;
-  int64_t units;  // tiles * splits
+  int64_t splits;  // units per tile
+  int64_t units;   // tiles * splits
   GridStep step;
 };
 
@@ -462,21 +480,37 @@ __device__ __forceinline__ void visit_rows(const RowTiling& t, int64_t c0, int64
   }
 }
 
-// Rows a thread of `Op` loads before using any: about 32 bytes in flight, over all its inputs.
-template <typename Op, int VEC>
-constexpr int kRowsPerTile =
-    plan::rows_per_tile(VEC * static_cast<int>(sizeof(typename Op::scalar_type)), Op::kInputs);
+// Rows a thread of `Op` loads before using any (plan::rows_per_tile), in either layout.
+template <typename Op, int VEC, bool kChannelsLast>
+constexpr int kRowsPerTile = plan::rows_per_tile(
+    Op::kKind, kChannelsLast, VEC, static_cast<int>(sizeof(typename Op::scalar_type)), Op::kInputs);
 
-// Loads the existing rows of one tile of the op's inputs (x, and dy for two-input ops).
-template <int VEC, int ROWS, typename Op, typename acc_t>
+// Loads the existing rows of one tile of the op's inputs (x, and dy for two-input ops): all of
+// them (kFull, a compile-time promise that tile.valid == ROWS), or the first tile.valid. Every
+// load is issued before any is converted: with a branch or a conversion between two loads, the
+// second waits for the first, and a thread has one load in flight instead of ROWS.
+template <bool kFull, int VEC, int ROWS, typename Op, typename acc_t>
 __device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t (&x)[ROWS][VEC],
                                           acc_t (&dy)[ROWS][VEC]) {
+  using scalar_t = typename Op::scalar_type;
+  Pack<scalar_t, VEC> x_raw[ROWS] = {};
+  Pack<scalar_t, VEC> dy_raw[ROWS] = {};
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
-    if (k < tile.valid) {
-      load_pack<VEC>(op.x, tile.base + k * tile.stride, x[k]);
+    if (kFull || k < tile.valid) {
+      x_raw[k] = load_raw<VEC>(op.x, tile.base + k * tile.stride);
       if constexpr (Op::kInputs == 2) {
-        load_pack<VEC>(op.dy, tile.base + k * tile.stride, dy[k]);
+        dy_raw[k] = load_raw<VEC>(op.dy, tile.base + k * tile.stride);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      x[k][v] = lane_value<acc_t>(x_raw[k], v);
+      if constexpr (Op::kInputs == 2) {
+        dy[k][v] = lane_value<acc_t>(dy_raw[k], v);
       }
     }
   }
@@ -487,15 +521,17 @@ __device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t 
 // The inputs stay packed until their lane is used and each result is packed as soon as it is
 // computed: for 2-byte types that holds VEC / 2 registers per input row, not VEC, through the
 // element formula (an activation's body needs the rest beside VEC lanes of coefficients).
-template <int VEC, int ROWS, typename Op, typename CoeffOf>
-__device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
+// A full tile (kFull) loads every row unconditionally, as load_tile does, so that all its loads are
+// in flight before the first is used.
+template <bool kFull, int VEC, int ROWS, typename Op, typename CoeffOf>
+__device__ __forceinline__ void transform_rows(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
   using acc_t = typename Op::acc_t;
   using scalar_t = typename Op::scalar_type;
   Pack<scalar_t, VEC> x[ROWS] = {};
   Pack<scalar_t, VEC> dy[ROWS] = {};
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
-    if (k < tile.valid) {
+    if (kFull || k < tile.valid) {
       x[k] = load_raw<VEC>(op.x, tile.base + k * tile.stride);
       if constexpr (Op::kInputs == 2) {
         dy[k] = load_raw<VEC>(op.dy, tile.base + k * tile.stride);
@@ -504,7 +540,7 @@ __device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, C
   }
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
-    if (k < tile.valid) {
+    if (kFull || k < tile.valid) {
       Pack<scalar_t, VEC> y;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
@@ -513,6 +549,20 @@ __device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, C
       }
       store_raw<VEC>(op.out, tile.base + k * tile.stride, y);
     }
+  }
+}
+
+// Full tiles take their own path for vector loads of 4-byte or narrower elements; for scalar
+// loads (the compiler keeps them in flight anyway) and double, the second path's registers would
+// spill.
+template <int VEC, int ROWS, typename Op, typename CoeffOf>
+__device__ __forceinline__ void transform_tile(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
+  using scalar_t = typename Op::scalar_type;
+  constexpr bool kFullPath = VEC * sizeof(scalar_t) >= 8 && sizeof(scalar_t) <= 4;
+  if (kFullPath && tile.valid == ROWS) {
+    transform_rows<true, VEC, ROWS>(op, tile, coeff_of);
+  } else {
+    transform_rows<false, VEC, ROWS>(op, tile, coeff_of);
   }
 }
 
@@ -596,24 +646,74 @@ __device__ __forceinline__ typename Red::State block_reduce(typename Red::State 
   return total;
 }
 
-// Merges the states of one block column (same threadIdx.x, all threadIdx.y); every thread
-// receives its column's total. blockDim.y is a power of two; `shared` holds kThreads states.
+// Merges the states of each of `width` columns of the block's threads (thread tid is column
+// tid % width, row tid / width; width a power of two dividing the block); every thread receives its
+// column's total. `shared` holds one state per thread.
 template <typename Red>
 __device__ __forceinline__ typename Red::State column_reduce(typename Red::State s,
-                                                             typename Red::State* shared) {
-  const int width = blockDim.x;
-  const int slot = threadIdx.y * width + threadIdx.x;
-  shared[slot] = s;
+                                                             typename Red::State* shared, int tid,
+                                                             int width) {
+  const int rows = (blockDim.x * blockDim.y) / width;
+  shared[tid] = s;
   __syncthreads();
-  for (int half = blockDim.y / 2; half > 0; half >>= 1) {
-    if (static_cast<int>(threadIdx.y) < half) {
-      shared[slot] = Red::merge(shared[slot], shared[slot + half * width]);
+  for (int half = rows / 2; half > 0; half >>= 1) {
+    if (tid < half * width) {
+      shared[tid] = Red::merge(shared[tid], shared[tid + half * width]);
     }
     __syncthreads();
   }
-  const typename Red::State total = shared[threadIdx.x];
+  const typename Red::State total = shared[tid % width];
   __syncthreads();  // the caller's next column_reduce overwrites `shared`
   return total;
+}
+
+// Merges the states of one block column (same threadIdx.x, all threadIdx.y): column_reduce with
+// the block's own columns. blockDim.y is a power of two.
+template <typename Red>
+__device__ __forceinline__ typename Red::State column_reduce(typename Red::State s,
+                                                             typename Red::State* shared) {
+  return column_reduce<Red>(s, shared, threadIdx.y * blockDim.x + threadIdx.x, blockDim.x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split reductions in one launch: each block of a split tile stores its partial states, then takes
+// a ticket from the tile's arrival counter; the block that takes the last ticket merges the tile.
+
+// Whether this block is the last of `splits` to finish its tile, whose arrival counter is
+// `counter`; every thread gets the answer. The fence makes each thread's partial stores visible
+// device-wide before its block's ticket is taken (and, in the last block, orders the merge's loads
+// after the ticket). The last block resets the counter: every counter is zero between launches.
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned splits, bool& flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const bool last = atomicAdd(counter, 1u) == splits - 1;
+    if (last) {
+      atomicExch(counter, 0u);
+    }
+    flag = last;
+  }
+  __syncthreads();
+  // Every thread reads the flag before the next call's leader writes it: the barriers of that
+  // call come first.
+  const bool last = flag;
+  if (last) {
+    __threadfence();
+  }
+  return last;
+}
+
+// This thread's share of merging channel c's partial states partial[i * channels + c], for i =
+// first, first + step, ... < splits. The loads bypass L1, which other SMs' stores do not update.
+template <typename Red>
+__device__ __forceinline__ typename Red::State merge_partial_states(
+    const typename Red::State* partial, int64_t splits, int64_t channels, int64_t c, int first,
+    int step) {
+  typename Red::State s = Red::identity();
+  for (int64_t i = first; i < splits; i += step) {
+    s = Red::merge(s, Red::load_partial(partial + i * channels + c));
+  }
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -621,17 +721,21 @@ __device__ __forceinline__ typename Red::State column_reduce(typename Red::State
 
 // One channel per tile. A unit that holds a whole channel (one split) finishes it, and a fused
 // reduction then writes its grad_input; with splits, each unit leaves its partial state in
-// partial[split][c] for finalize_kernel.
+// partial[split][c], and the last of the channel's units to arrive (arrivals[c]) finishes it.
 template <typename Red, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-    reduce_planes_kernel(const Red red, const PlaneTiling t, typename Red::State* partial) {
+    reduce_planes_kernel(const Red red, const PlaneTiling t, typename Red::State* partial,
+                         unsigned* arrivals) {
   using State = typename Red::State;
   using acc_t = typename Red::acc_t;
-  constexpr int ROWS = kRowsPerTile<Red, VEC>;
+  constexpr int ROWS = kRowsPerTile<Red, VEC, false>;
   __shared__ State shared[kThreads / 32];
+  __shared__ bool last_flag;
 
-  const bool split_channels = t.units > t.channels;
-  const bool leader = threadIdx.x == 0 && threadIdx.y == 0;
+  // A fused reduction holds whole channels (planned with one split): no merge is compiled in.
+  const bool split_channels = !Red::kFusable && t.splits > 1;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const bool leader = tid == 0;
   // Every thread of the block runs the same units, so the barriers inside block_reduce are met.
   for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels, t.step)) {
     const int64_t c = u.tile;
@@ -641,10 +745,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     visit_planes<VEC, ROWS>(t, c, split, [&](const Tile& tile) {
       acc_t x[ROWS][VEC] = {};
       acc_t dy[ROWS][VEC] = {};
-      load_tile<VEC, ROWS>(red, tile, x, dy);
       if (tile.valid == ROWS) {
+        load_tile<true, VEC, ROWS>(red, tile, x, dy);
         red.template add<ROWS * VEC>(state, &x[0][0], &dy[0][0], channel);
       } else {
+        load_tile<false, VEC, ROWS>(red, tile, x, dy);
 #pragma unroll
         for (int k = 0; k < ROWS; ++k) {
           if (k < tile.valid) {
@@ -657,6 +762,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     if (split_channels) {
       if (leader) {
         partial[split * t.channels + c] = total;
+      }
+      if (last_to_arrive(arrivals + c, static_cast<unsigned>(t.splits), last_flag)) {
+        const State merged = block_reduce<Red>(
+            merge_partial_states<Red>(partial, t.splits, t.channels, c, tid, kThreads), shared);
+        if (leader) {
+          red.finish(c, merged);
+        }
       }
       continue;
     }
@@ -787,24 +899,27 @@ struct ElementCoeffTable<Red, VEC, std::enable_if_t<Red::kFusable>> {
 };
 
 // VEC adjacent channels per thread, blockDim.x * VEC channels per tile. Partial results as in
-// reduce_planes_kernel. The channel data of the row loop and the coefficients of a fused grad_input
-// are computed once per block column and shared through tables, as in elementwise_rows_kernel.
+// reduce_planes_kernel, arrivals counted per tile. The channel data of the row loop and the
+// coefficients of a fused grad_input are computed once per block column and shared through tables,
+// as in elementwise_rows_kernel.
 template <typename Red, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-    reduce_rows_kernel(const Red red, const RowTiling t, typename Red::State* partial) {
+    reduce_rows_kernel(const Red red, const RowTiling t, typename Red::State* partial,
+                       unsigned* arrivals) {
   using State = typename Red::State;
   using acc_t = typename Red::acc_t;
   using Channel = typename Red::Channel;
-  constexpr int ROWS = kRowsPerTile<Red, VEC>;
+  constexpr int ROWS = kRowsPerTile<Red, VEC, true>;
   constexpr bool kChannelInLoop = kChannelsInLoop<Red, VEC>;
   static_assert(plan::kMaxRowBlockX * VEC <= kThreads, "a channel of the tile per thread");
   __shared__ State shared[kThreads];
   __shared__ std::conditional_t<kChannelInLoop, CoeffTable<Channel, VEC>, NoChannelData> channels;
   __shared__ typename ElementCoeffTable<Red, VEC>::type coeff_table;
+  __shared__ bool last_flag;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int tile_width = blockDim.x * VEC;
 
-  const bool split_channels = t.units > t.tiles;
+  const bool split_channels = !Red::kFusable && t.splits > 1;  // as in reduce_planes_kernel
   // Every thread of the block runs the same units, inactive ones (channels past C) included, so
   // the barriers are met.
   for (UnitWalk u(t.tiles); u.unit < t.units; u.next(t.tiles, t.step)) {
@@ -830,14 +945,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
         acc_t x[ROWS][VEC] = {};
         acc_t dy[ROWS][VEC] = {};
-        load_tile<VEC, ROWS>(red, tile, x, dy);
-        states.add(red, x, dy, tile.valid, [&](int v) {
+        const auto channel_of = [&](int v) {
           if constexpr (kChannelInLoop) {
             return channels.template load<true>(threadIdx.x, v);
           } else {
             return channel[v];
           }
-        });
+        };
+        if (tile.valid == ROWS) {
+          load_tile<true, VEC, ROWS>(red, tile, x, dy);
+          states.add(red, x, dy, ROWS, channel_of);
+        } else {
+          load_tile<false, VEC, ROWS>(red, tile, x, dy);
+          states.add(red, x, dy, tile.valid, channel_of);
+        }
       });
     }
     // Each lane's column total; row 0 of the column writes it out, and a fused grad_input's
@@ -856,6 +977,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
             }
           }
         }
+      }
+    }
+    if (split_channels &&
+        last_to_arrive(arrivals + u.tile, static_cast<unsigned>(t.splits), last_flag)) {
+      // The tile's channels, tile_width of them, each merged by kThreads / tile_width threads.
+      const int64_t c = tile_c0 + tid % tile_width;
+      const State merged = column_reduce<Red>(
+          c < t.channels ? merge_partial_states<Red>(partial, t.splits, t.channels, c,
+                                                     tid / tile_width, kThreads / tile_width)
+                         : Red::identity(),
+          shared, tid, tile_width);
+      if (tid < tile_width && c < t.channels) {
+        red.finish(c, merged);
       }
     }
     if constexpr (Red::kFusable) {
@@ -881,33 +1015,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
-// Merges the `splits` partial states of each channel left by a split reduce_* launch, in
-// parallel: blockDim.x channels a block, blockDim.y (a power of two) lanes per channel that each
-// merge every blockDim.y-th partial, then a tree over the lanes.
-template <typename Red>
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const Red red, const typename Red::State* partial, int64_t splits,
-                    int64_t channels) {
-  using State = typename Red::State;
-  __shared__ State shared[kThreads];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  State s = Red::identity();
-  if (c < channels) {
-    for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) {
-      s = Red::merge(s, partial[i * channels + c]);
-    }
-  }
-  // Every thread takes part, channels past the end included: column_reduce has barriers.
-  s = column_reduce<Red>(s, shared);
-  if (c < channels && threadIdx.y == 0) {
-    red.finish(c, s);
-  }
-}
-
 template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_planes_kernel(const Op op, const PlaneTiling t) {
-  constexpr int ROWS = kRowsPerTile<Op, VEC>;
+  constexpr int ROWS = kRowsPerTile<Op, VEC, false>;
   for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels, t.step)) {
     const auto coeffs = op.coeffs(u.tile);
     visit_planes<VEC, ROWS>(t, u.tile, u.split, [&](const Tile& tile) {
@@ -919,7 +1030,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 template <typename Op, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     elementwise_rows_kernel(const Op op, const RowTiling t) {
-  constexpr int ROWS = kRowsPerTile<Op, VEC>;
+  constexpr int ROWS = kRowsPerTile<Op, VEC, true>;
   constexpr bool kInLoop = kCoeffsInLoop<Op, VEC>;
   static_assert(plan::kMaxRowBlockX * VEC <= kThreads, "a channel of the tile per thread");
   __shared__ CoeffTable<typename Op::Coeffs, VEC> table;
@@ -1059,12 +1170,12 @@ inline GridStep grid_step(const plan::Plan& p) {
 }
 
 inline PlaneTiling plane_tiling(const plan::Plan& p, const Geometry& g) {
-  return PlaneTiling{g.batch,         g.channels,       g.spatial, p.batch_chunk,
-                     p.spatial_chunk, p.spatial_splits, p.units,   grid_step(p)};
+  return PlaneTiling{g.batch,          g.channels, g.spatial, p.batch_chunk, p.spatial_chunk,
+                     p.spatial_splits, p.splits,   p.units,   grid_step(p)};
 }
 
 inline RowTiling row_tiling(const plan::Plan& p, const Geometry& g) {
-  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.units, grid_step(p)};
+  return RowTiling{g.rows(), g.channels, p.row_chunk, p.tiles, p.splits, p.units, grid_step(p)};
 }
 
 // The plan of a reduction (at most max_splits blocks per channel tile) over `g` that reads and
@@ -1103,16 +1214,44 @@ plan::Plan plan_elementwise(const Geometry& g, std::initializer_list<const void*
   return plan::plan_launch(plan::Kind::Elementwise, shape, vec, limits);
 }
 
+// The arrival counters of a split reduction over `tiles` tiles on the current stream, all zero:
+// the last block of each tile resets its counter, so a buffer made zero once stays so between
+// launches. One buffer per device and stream, since launches on one stream never overlap; while a
+// CUDA graph is captured, a fresh one whose zeroing the graph records.
+inline unsigned* arrival_counters(const at::Tensor& like, int64_t tiles) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto options = like.options().dtype(at::kInt);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    // Kept alive by the graph's memory pool for as long as the graph is.
+    return reinterpret_cast<unsigned*>(at::zeros({tiles}, options).data_ptr<int>());
+  }
+  static std::mutex mutex;
+  // Never destroyed: a tensor freed at exit could outlive the CUDA context.
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[{like.get_device(), stream}];
+  if (!buffer.defined() || buffer.numel() < tiles) {
+    buffer = at::zeros({std::max<int64_t>(tiles, 4096)}, options);
+  }
+  return reinterpret_cast<unsigned*>(buffer.data_ptr<int>());
+}
+
+// One launch: a split plan's blocks leave partial states in a staging buffer and the last block
+// of each tile merges them.
 template <typename Red>
 void run_reduction(const Red& red, const plan::Plan& p, const Geometry& g, const at::Tensor& like) {
   using State = typename Red::State;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor staging;
   State* partial = nullptr;
+  unsigned* arrivals = nullptr;
   if (p.splits > 1) {
     staging = at::empty({p.splits * g.channels * static_cast<int64_t>(sizeof(State))},
                         like.options().dtype(at::kByte));
     partial = reinterpret_cast<State*>(staging.data_ptr());
+    arrivals = arrival_counters(like, p.tiles);
   }
   const dim3 grid(static_cast<unsigned>(p.grid));
   const dim3 block(p.block_x, p.block_y);
@@ -1120,19 +1259,13 @@ void run_reduction(const Red& red, const plan::Plan& p, const Geometry& g, const
       p.channels_last, p.vec,
       [&](auto w) {
         reduce_rows_kernel<Red, decltype(w)::value>
-            <<<grid, block, 0, stream>>>(red, row_tiling(p, g), partial);
+            <<<grid, block, 0, stream>>>(red, row_tiling(p, g), partial, arrivals);
       },
       [&](auto w) {
         reduce_planes_kernel<Red, decltype(w)::value>
-            <<<grid, block, 0, stream>>>(red, plane_tiling(p, g), partial);
+            <<<grid, block, 0, stream>>>(red, plane_tiling(p, g), partial, arrivals);
       });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.splits > 1) {
-    const dim3 finalize_block(p.finalize_x, p.finalize_y);
-    finalize_kernel<Red><<<static_cast<unsigned>(p.finalize_grid), finalize_block, 0, stream>>>(
-        red, partial, p.splits, g.channels);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 }
 
 template <typename Op>
@@ -1222,11 +1355,11 @@ inline at::Tensor in_output_format(const at::Tensor& out, const at::Tensor& inpu
 // The backward's kernels, planned and launched by grad_reduction.cu and grad_elementwise.cu (for
 // each dtype and fused activation, rather than in backward.cu) so that the largest op family
 // compiles as two units.
-template <typename scalar_t, math::Activation act>
+template <typename scalar_t, math::Activation act, bool fuse_input>
 plan::Plan plan_grad_reduction(const Geometry& g, std::initializer_list<const void*> pointers,
                                const at::Tensor& on, int64_t max_splits = plan::kMaxSplits);
-template <typename scalar_t, math::Activation act>
-void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>, act>& red,
+template <typename scalar_t, math::Activation act, bool fuse_input>
+void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>, act, fuse_input>& red,
                         const plan::Plan& p, const Geometry& g, const at::Tensor& like);
 template <typename scalar_t, math::Activation act>
 plan::Plan plan_grad_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,

@@ -21,14 +21,14 @@
 //      DeviceLimits.blocks_per_multiprocessor is that kernel's resident blocks per SM at kThreads
 //      threads and no dynamic shared memory: cudaOccupancyMaxActiveBlocksPerMultiprocessor, or
 //      the same computed from its registers and static shared memory (cuobjdump -res-usage).
-//   4. plan_launch(kind, shape, vec, limits) gives the grid. A Reduce plan with splits > 1 is
-//      followed by finalize_kernel<Red> over plan.finalize_* (not wave-planned: it is small).
+//   4. plan_launch(kind, shape, vec, limits) gives the grid. A Reduce plan with splits > 1 merges
+//      each tile's partial states in the last of its blocks to finish: still one launch.
 //   5. backward runs a GradReduction when grad_weight or grad_bias is wanted, or grad_input in
 //      training; with grad_input wanted too, fuse_backward(shape, fused, reduce, elementwise,
 //      l2_bytes) decides, given fused = plan_launch(Reduce, ..., max_splits = 1) and reduce =
 //      plan_launch(Reduce, ...) of the GradReduction kernel and elementwise =
 //      plan_launch(Elementwise, ...) of BackwardElementwise: true, the one `fused` kernel runs;
-//      false, `reduce` (+ finalize) then `elementwise`. Without a reduction it runs `elementwise`
+//      false, `reduce` then `elementwise`. Without a reduction it runs `elementwise`
 //      (grad_input in eval mode) or nothing.
 #pragma once
 
@@ -48,7 +48,7 @@ namespace plan {
 constexpr int kThreads = 512;
 // Threads across the channels of a channels_last block, at most: a warp reads adjacent channels.
 constexpr int kMaxRowBlockX = 32;
-// Blocks along one channel, at most: bounds the staging buffer and the finalize merge.
+// Blocks along one channel, at most: bounds the staging buffer and the last block's merge.
 constexpr int64_t kMaxSplits = 32768;
 // Rounds of resident blocks the planner considers: beyond this, more splits only add overhead.
 constexpr int64_t kMaxRounds = 8;
@@ -101,11 +101,7 @@ struct Plan {
   int64_t rounds = 1;       // units a block takes, at most: ceil(units / grid)
   double unit_balance = 1;  // units / (rounds * grid): 1 when every block takes as many units
   double fill = 1;          // units / (rounds * resident_blocks): busy share of the block slots
-  // finalize_kernel after a split reduction: finalize_x channels x finalize_y lanes a block.
-  int64_t finalize_grid = 0;
-  int finalize_x = 1;
-  int finalize_y = 1;
-  double cost = 0;  // the planner's figure of merit, in element loads per block slot
+  double cost = 0;          // the planner's figure of merit, in element loads per block slot
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -127,14 +123,26 @@ constexpr T max_of(T a, T b) {
   return a < b ? b : a;
 }
 
-// Rows a thread loads before using any, by the bytes of one load and the number of full-size
-// inputs: about 32 bytes in flight per thread is what hides DRAM latency with a few blocks per SM.
-// At most 8 (2-byte scalar loads would need more registers than they are worth), at least 1.
-CKBN_PLAN_HOST_DEVICE constexpr int rows_per_tile(int load_bytes, int inputs) {
-  return load_bytes * inputs >= 32   ? 1
-         : load_bytes * inputs >= 16 ? 2
-         : load_bytes * inputs >= 8  ? 4
-                                     : 8;
+// Rows a thread loads before using any, by the kind of kernel, its layout, the elements of one
+// load, their size and the number of full-size inputs: the bytes a thread has in flight. 32 bytes
+// keep 32 KB of loads in flight on an SM holding two blocks of 512 threads (the register budget),
+// over the 25 KB an H100/H200 needs to stream at full bandwidth (Little's law: 4.8 TB/s x 700 ns /
+// 132 SMs). More where the registers allow it without spilling, as bench/gpu_static.py checks
+// from the SASS: 64 bytes over planes with loads of 8 bytes or more (one channel's coefficients or
+// state a thread), and channels_last with 128-bit loads of 4-byte elements (no lane conversion);
+// 16 rows for batch_stats over planes with 2-byte loads (odd spatial sizes of half input). Else at
+// most 8 rows. At least 1; a power of two.
+CKBN_PLAN_HOST_DEVICE constexpr int rows_per_tile(Kind kind, bool channels_last, int vec,
+                                                  int element_size, int inputs) {
+  const int load_bytes = vec * element_size;
+  const bool roomy = channels_last ? (load_bytes == 16 && element_size == 4) : load_bytes >= 8;
+  const int bytes = roomy ? 64 : 32;
+  const int max_rows = kind == Kind::Reduce && !channels_last && inputs == 1 ? 16 : 8;
+  int rows = 1;
+  while (rows < max_rows && 2 * rows * load_bytes * inputs <= bytes) {
+    rows *= 2;
+  }
+  return rows;
 }
 
 // Widest load, in elements, a kernel of `kind` may use: 16 bytes (a channels_last reduction holds
@@ -191,7 +199,7 @@ inline Plan plan_launch(Kind kind, const Shape& s, int vec, const DeviceLimits& 
   Plan p;
   p.channels_last = s.channels_last;
   p.vec = vec;
-  p.rows = rows_per_tile(vec * s.element_size, s.inputs);
+  p.rows = rows_per_tile(kind, s.channels_last, vec, s.element_size, s.inputs);
   if (s.channels_last) {
     // A warp (or what C fills of it) reads adjacent channels of a row.
     const int64_t channel_vecs = s.channels / vec;
@@ -237,18 +245,11 @@ inline Plan plan_launch(Kind kind, const Shape& s, int vec, const DeviceLimits& 
       have_best = true;
     }
   }
-  if (kind == Kind::Reduce && best.splits > 1) {
-    // About one block per SM, each merging finalize_x channels with finalize_y lanes.
-    best.finalize_x = static_cast<int>(
-        min_of<int64_t>(32, next_pow2(ceil_div(s.channels, max_of(d.multiprocessors, 1)))));
-    best.finalize_y = kThreads / best.finalize_x;
-    best.finalize_grid = ceil_div(s.channels, best.finalize_x);
-  }
   return best;
 }
 
 // Whether backward runs its reduction and grad_input in one kernel (each block holds whole
-// channels: `fused`, planned with max_splits = 1) rather than `reduce` (+ finalize) and then
+// channels: `fused`, planned with max_splits = 1) rather than `reduce` and then
 // `elementwise`. Fused, grad_input re-reads x and dy from L2 when the blocks resident at once
 // keep their channels there, and the DRAM traffic is 3 passes instead of 5; it is chosen when
 // that holds and its cost, so weighted, is not higher than the two kernels'.

@@ -77,8 +77,8 @@ DEFECTS = {
         "kernels.cuh",
         [
             (
-                "  __shared__ State shared[kThreads / 32];\n\n  const bool split_channels",
-                "  __shared__ State shared[32];\n\n  const bool split_channels",
+                "  __shared__ State shared[kThreads / 32];\n  __shared__ bool last_flag;\n",
+                "  __shared__ State shared[32];\n  __shared__ bool last_flag;\n",
             ),
             ("warp_reduce<Red>(lane < warps ? shared[lane] : Red::identity())", "warp_reduce<Red>(shared[lane])"),
         ],
@@ -119,8 +119,8 @@ DEFECTS = {
         "kernels.cuh",
         [
             (
-                "  __shared__ State shared[kThreads / 32];\n\n  const bool split_channels",
-                "  __shared__ State shared[kThreads * 16];\n\n  const bool split_channels",
+                "  __shared__ State shared[kThreads / 32];\n  __shared__ bool last_flag;\n",
+                "  __shared__ State shared[kThreads * 16];\n  __shared__ bool last_flag;\n",
             )
         ],
         "the launch check",

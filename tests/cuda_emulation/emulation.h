@@ -545,6 +545,24 @@ inline void __syncwarp(unsigned = 0xffffffffu,
   emu::scheduler().wait(true, at, "__syncwarp");
 }
 
+// Blocks run one after another on one thread: every store is visible to the next block, and an
+// atomic is a plain read-modify-write.
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* address) {
+  return *address;
+}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicExch(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = value;
+  return old;
+}
+
 template <typename T>
 T __shfl_down_sync(unsigned /*mask*/, T value, int delta, int /*width*/ = 32,
                    std::source_location at = std::source_location::current()) {
@@ -594,6 +612,11 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
       *value = 228 * 1024;
       break;
   }
+  return cudaSuccess;
+}
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone, cudaStreamCaptureStatusActive };
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* device) {

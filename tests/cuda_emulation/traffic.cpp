@@ -45,6 +45,9 @@ struct Launch {
   long shared_bytes;
   int grid_stride;
   Counts counts;
+  // Distinct bytes of the other allocations both written and read: a split reduction's partial
+  // states and arrival counters, which its blocks store and its last blocks read back.
+  long staging;
 };
 
 struct State {
@@ -118,7 +121,7 @@ bool on_launch_begin(const void* kernel, dim3 grid, dim3 block, std::size_t shar
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.mutex);
   s.launches.push_back(Launch{
-      library_offset(kernel), grid, block, static_cast<long>(shared_bytes), grid_stride, {}});
+      library_offset(kernel), grid, block, static_cast<long>(shared_bytes), grid_stride, {}, 0});
   s.ranges.clear();
   s.seen.clear();
   s.counts = Counts{};
@@ -138,6 +141,13 @@ void on_launch_end() {
   const std::lock_guard<std::mutex> lock(s.mutex);
   if (!s.launches.empty()) {
     s.launches.back().counts = s.counts;
+    long staging = 0;
+    for (const Range& r : s.ranges) {
+      if (!r.large) {
+        staging += std::count(r.seen, r.seen + (r.end - r.begin), std::uint8_t{3});
+      }
+    }
+    s.launches.back().staging = staging;
   }
 }
 
@@ -219,9 +229,9 @@ void set_occupancy(std::vector<int64_t> kernel_offsets, std::vector<int64_t> blo
   }
 }
 
-// The launches since the last call, 17 numbers each: kernel offset, grid xyz, block xyz, dynamic
+// The launches since the last call, 18 numbers each: kernel offset, grid xyz, block xyz, dynamic
 // shared bytes, grid-stride (1, 0, -1: unknown), then accessed read/write and distinct read/write
-// bytes of large allocations, then the same four of the others.
+// bytes of large allocations, then the same four of the others, then their staging bytes.
 std::vector<int64_t> take_launches() {
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.mutex);
@@ -238,6 +248,7 @@ std::vector<int64_t> take_launches() {
       out.insert(out.end(), {l.counts.accessed[large][0], l.counts.accessed[large][1],
                              l.counts.distinct[large][0], l.counts.distinct[large][1]});
     }
+    out.push_back(l.staging);
   }
   s.launches.clear();
   return out;

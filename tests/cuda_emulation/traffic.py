@@ -39,7 +39,7 @@ COUNT_FLAGS = [
     "--param=asan-stack=0",
     "--param=asan-globals=0",
 ]
-RECORD = 17  # numbers per launch from take_launches
+RECORD = 18  # numbers per launch from take_launches
 
 # Shapes taking each path of the kernels on the emulated 4-SM device: (label, shape, layout).
 TRAFFIC_CASES = [
@@ -97,6 +97,7 @@ def take(symbols: dict) -> list:
                 "grid_stride": r[8],
                 "large": {"read": r[9], "write": r[10], "read_distinct": r[11], "write_distinct": r[12]},
                 "small": {"read": r[13], "write": r[14], "read_distinct": r[15], "write_distinct": r[16]},
+                "staging": r[17],
             }
         )
     return launches
@@ -173,7 +174,8 @@ def record_plans(symbols: dict, spec: list, occupancy: dict) -> list:
         dtype = getattr(torch, item["dtype"])
         x = make(tuple(item["shape"]), item["layout"], dtype, fill=False)
         dy = make(tuple(item["shape"]), item["layout"], dtype, fill=False)
-        for op, call in operator_calls(x, dy, fill=False)[:3]:  # the training ops
+        calls = operator_calls(x, dy, fill=False)
+        for op, call in calls[:3] + calls[-1:]:  # the training ops
             torch.ops.ckbn_emulation.configure(False, True, 1)
             call()
             rows.append(dict(item, op=op, launches=take(symbols)))

@@ -62,6 +62,48 @@ def test_sass_parser_finds_widths_loops_and_local_memory():
     assert info["local"] == 1
 
 
+# A streaming loop (0x10..0x90) that issues two 128-bit loads, uses the first, issues a third and
+# uses the rest; a merge loop (0xb0..0xd0) of L1-bypassing loads of partial states.
+SASS_FLIGHT = """
+        Function : _Z6streamPf
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0030*/                   FADD R20, R4, R5 ;
+        /*0040*/                   LDG.E.U16 R12, desc[UR4][R2.64+0x20] ;
+        /*0050*/                   FADD R20, R20, R9 ;
+        /*0060*/                   HADD2.F32 R13, -RZ, R12.H0_H0 ;
+        /*0070*/                   IADD3 R2, P0, R2, 0x30, RZ ;
+        /*0080*/                   ISETP.NE.AND P1, PT, R2, R14, PT ;
+        /*0090*/               @P1 BRA 0x10 ;
+        /*00a0*/                   STG.E desc[UR4][R16.64], R20 ;
+        /*00b0*/                   LDG.E.STRONG.GPU R21, desc[UR4][R18.64] ;
+        /*00c0*/                   FADD R22, R22, R21 ;
+        /*00d0*/               @P2 BRA 0xb0 ;
+        /*00e0*/                   EXIT ;
+"""
+
+
+def test_sass_parser_finds_the_loads_a_thread_has_in_flight():
+    info = gpu_static.parse_sass(SASS_FLIGHT)["_Z6streamPf"]
+    # Both 128-bit loads are issued before the first use; the 16-bit one after R4's use, while R8's
+    # load is still awaited: 32 bytes at most, 2 loads.
+    assert info["in_flight"] == {"bytes": 32, "loads": 2}
+    assert info["loop_loads"] == {"128": 2, "16": 1}  # the merge loop is not a streaming loop
+
+
+def test_in_flight_counts_loads_issued_for_the_next_iteration():
+    # Software pipelined: R4 is loaded at the end of the body for the next iteration, so while R8's
+    # load is awaited R4's is too: 32 bytes, which one pass over the body (16) would miss.
+    body = [
+        (0x10, "LDG.E.128", "R8, desc[UR4][R2.64]"),
+        (0x20, "FADD", "R20, R20, R4"),
+        (0x30, "FADD", "R21, R21, R8"),
+        (0x40, "LDG.E.128", "R4, desc[UR4][R2.64+0x10]"),
+    ]
+    assert gpu_static.peak_loads_in_flight(body) == {"bytes": 32, "loads": 2}
+
+
 def kernel(**kw):
     fields = dict(name="k", base="elementwise_planes_kernel", op="NormalizeElementwise", dtype="float", vec=4)
     fields.update(kw)
@@ -98,6 +140,7 @@ def launch(name, read, write, read_distinct, write_distinct, grid=(1, 1, 1), blo
         "shared_bytes": 0,
         "small": zero,
         "large": {"read": read, "write": write, "read_distinct": read_distinct, "write_distinct": write_distinct},
+        "staging": 0,
     }
 
 
@@ -249,7 +292,6 @@ def _bench_ops():
         (
             [
                 "void ckbn::(anonymous namespace)::reduce_planes_kernel<GradReduction<float, float>, 4>(...)",
-                "void ckbn::(anonymous namespace)::finalize_kernel<GradReduction<float, float> >(...)",
                 "void ckbn::(anonymous namespace)::elementwise_planes_kernel"
                 "<BackwardElementwise<float, float>, 4>(...)",
             ],
@@ -261,3 +303,63 @@ def _bench_ops():
 )
 def test_ops_benchmark_counts_the_backward_passes_its_kernels_make(names, passes):
     assert _bench_ops().passes_from_kernels(names)[0] == passes
+
+
+def plan_launch(name, blocks, block=(512, 1, 1)):
+    return dict(launch(name + "(args)", 0, 0, 0, 0, grid=(blocks, 1, 1), block=block), kernel=name, grid_stride=0)
+
+
+STATS = "ckbn::gpu::reduce_planes_kernel<ckbn::gpu::StatsReduction<float, float>, 4>"
+NORMALIZE = "ckbn::gpu::elementwise_planes_kernel<ckbn::gpu::NormalizeElementwise<float, float>, 4>"
+GRAD = "ckbn::gpu::reduce_planes_kernel<ckbn::gpu::GradReduction<float, float, (ckbn::math::Activation)0, false>, 4>"
+FUSED = "ckbn::gpu::reduce_planes_kernel<ckbn::gpu::GradReduction<float, float, (ckbn::math::Activation)0, true>, 4>"
+GRAD_INPUT = "ckbn::gpu::elementwise_planes_kernel<ckbn::gpu::BackwardElementwise<float, float>, 4>"
+
+
+@pytest.mark.parametrize(
+    "backward, in_flight, problems",
+    [
+        ([FUSED], 32, []),
+        ([GRAD, GRAD_INPUT], 32, ["4 reads + 1 writes, target 2 + 1"]),
+        ([GRAD, GRAD_INPUT, GRAD_INPUT], 32, ["3 launches, target 2", "6 reads + 2 writes"]),
+        ([FUSED], 16, ["KB in flight per SM, target 32 KB"]),
+    ],
+)
+def test_targets_judge_launches_passes_and_bytes_in_flight(backward, in_flight, problems, monkeypatch):
+    monkeypatch.setattr(gpu_static, "KNOWN_TARGET_MISSES", {})
+    rows = {r["family"]: r for r in target_rows(backward, in_flight)}
+    assert rows["forward"]["launches"] == 2 and (rows["forward"]["reads"], rows["forward"]["writes"]) == (2, 1)
+    assert rows["replay"]["launches"] == 1
+    assert rows["forward"]["per_launch"][0]["in_flight_per_sm"] == in_flight * 512 * 3
+    got = rows["backward"]["problems"]
+    assert len(got) == len(problems) and all(any(p in g for g in got) for p in problems), got
+
+
+def test_known_target_misses_are_listed_apart_and_only_for_the_figures_they_explain(monkeypatch):
+    monkeypatch.setattr(
+        gpu_static,
+        "KNOWN_TARGET_MISSES",
+        {
+            ("passes", "backward", "planes"): "two kernels",
+            ("in_flight", "backward", "planes", "float32"): ("why", 20000),
+        },
+    )
+    (row,) = [r for r in target_rows([GRAD, GRAD_INPUT], 16) if r["family"] == "backward"]
+    assert not row["problems"] and any("two kernels" in k for k in row["known"]), row  # 24 KB >= 20000 B
+    (row,) = [r for r in target_rows([GRAD, GRAD_INPUT], 8) if r["family"] == "backward"]
+    assert any("in flight" in p for p in row["problems"]), row  # 12 KB: not what the entry explains
+
+
+def target_rows(backward, in_flight):
+    # 40 registers: 3 blocks of 512 threads per SM, and a grid of 396 fills them; at 32 bytes a
+    # thread that is 48 KB per SM, at 16 bytes 24 KB. 32 x 64 x 56 x 56 float32: 25.7 MB a tensor.
+    kernels = {}
+    for name in {STATS, NORMALIZE, *backward}:
+        kernels[name] = kernel(name=name, **gpu_static.describe(name), regs=40, in_flight_bytes=in_flight)
+    spec = {"shape": [32, 64, 56, 56], "layout": "planes", "dtype": "float32"}
+    plans = [
+        dict(spec, op="batch_stats", launches=[plan_launch(STATS, 396)]),
+        dict(spec, op="normalize", launches=[plan_launch(NORMALIZE, 396)]),
+        dict(spec, op="backward train", launches=[plan_launch(name, 396) for name in backward]),
+    ]
+    return gpu_static.judge_targets(plans, kernels)
