@@ -59,7 +59,7 @@ SMALL_TOLERANCE = 0.05
 # Threads per block of every ckbn kernel (kThreads in csrc/cuda/launch_plan.h).
 BLOCK_THREADS = 512
 # Resident blocks per SM the streaming kernels are designed for (kMinBlocksPerSM in
-# csrc/cuda/kernels.cuh, their register budget); one that needs fewer registers may get more.
+# csrc/cuda/kernel_ops.cuh, their register budget); one that needs fewer registers may get more.
 DESIGN_BLOCKS_PER_SM = 2
 SCALARS = {"double": 64, "float": 32, "c10::Half": 16, "c10::BFloat16": 16}
 

@@ -1,6 +1,6 @@
 // The backward operators on CUDA: backward (fused or in two passes), backward_reduce and
 // backward_elemt. Their kernels are instantiated in grad_reduction.cu and grad_elementwise.cu.
-#include "kernels.cuh"
+#include "launch.cuh"
 
 #include <torch/library.h>
 

@@ -1,6 +1,6 @@
 // The backward's element-wise grad_input kernels, one instantiation per input dtype and fused
 // activation; backward.cu plans and launches them through these functions.
-#include "kernels.cuh"
+#include "launch.cuh"
 
 namespace ckbn {
 namespace gpu {

@@ -1,7 +1,7 @@
 // The backward's reduction kernels (sum(dy), sum(dy * (x - mean)), and the fused grad_input), one
 // instantiation per input dtype, fused activation, and fused grad_input or not; backward.cu plans
 // and launches them through these functions.
-#include "kernels.cuh"
+#include "launch.cuh"
 
 namespace ckbn {
 namespace gpu {

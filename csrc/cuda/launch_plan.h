@@ -1,7 +1,7 @@
 // Launch planning for the CUDA kernels: pure host arithmetic, with no CUDA runtime call and no
 // torch header, so that the plans can be computed and checked on a machine without a GPU.
 //
-// The runtime (kernels.cuh) asks the device once, cached per device and per kernel, for
+// The runtime (launch.cuh) asks the device once, cached per device and per kernel, for
 // DeviceLimits and calls the functions below. To reproduce a plan elsewhere (bench/gpu_static.py
 // compiles this header with H100/H200 numbers), for one operator call:
 //   1. Shape: the kernel view of the input (ckbn.h's Geometry): batch N, channels C, spatial S

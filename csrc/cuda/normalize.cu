@@ -1,5 +1,5 @@
 // ckbn::normalize on CUDA: y = (x - mean) * invstd * weight + bias, element-wise.
-#include "kernels.cuh"
+#include "launch.cuh"
 
 #include <torch/library.h>
 

@@ -1,5 +1,5 @@
 // ckbn::update_running_stats on CUDA: one small kernel over the running buffers, in place.
-#include "kernels.cuh"
+#include "launch.cuh"
 
 #include <torch/library.h>
 

@@ -1,5 +1,5 @@
 // ckbn::batch_stats on CUDA: per-channel mean and invstd by a Welford reduction.
-#include "kernels.cuh"
+#include "launch.cuh"
 
 #include <torch/library.h>
 
