@@ -188,7 +188,8 @@ inline unsigned* arrival_counters(const at::Tensor& like, int64_t tiles) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) {
-    // Kept alive by the graph's memory pool for as long as the graph is.
+    // The graph records the zero fill before the kernel, so every replay starts from zeros, even
+    // if a later allocation of the same capture reuses the memory after the kernel.
     return reinterpret_cast<unsigned*>(at::zeros({tiles}, options).data_ptr<int>());
   }
   static std::mutex mutex;

@@ -28,7 +28,7 @@ SHAPES = {
     "unit-spatial": (32, 48, 1, 1),  # contiguous, read as [N][C]
     "spatial-4": (8, 24, 14, 14),  # 16-bit NCHW: 8-byte loads (S % 8 != 0)
     "spatial-2": (8, 16, 5, 6),  # 16-bit NCHW: 4-byte loads, fp32 8-byte loads
-    "wide-few-rows": (8, 2048, 7, 7),  # channels_last: many row splits, a parallel finalize
+    "wide-few-rows": (8, 2048, 7, 7),  # channels_last: many row splits, merged by the last block
     "many-channels": (4, 1500, 3, 3),  # more units than resident blocks: grid-stride loops
 }
 # Output tolerance per dtype; statistics are float32 (float64 for float64 input).
@@ -245,12 +245,22 @@ def test_empty_input(shape, layout):
     torch.testing.assert_close(db, torch.zeros(3, device="cuda"))
 
 
-def test_cuda_graph_training_step():
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((16, 32, 12, 12), "contiguous"),
+        # Split reductions: under capture each launch takes fresh arrival counters, zeroed by the graph.
+        (SHAPES["cross-block"], "contiguous"),
+        (SHAPES["wide-few-rows"], "channels_last"),
+    ],
+    ids=["whole-channels", "split-planes", "split-rows"],
+)
+def test_cuda_graph_training_step(shape, layout):
     """batch_stats, normalize, update_running_stats (momentum=None: 1/num_batches_tracked read on the
     device) and backward captured once and replayed on new data."""
-    shape, count = (16, 32, 12, 12), 16 * 12 * 12
-    static_x = sample(shape, torch.float32)
-    static_dy = sample(shape, torch.float32, seed=2)
+    count = shape[0] * shape[2] * shape[3]
+    static_x = sample(shape, torch.float32, layout)
+    static_dy = sample(shape, torch.float32, layout, seed=2)
     weight, bias = params(shape[1], torch.float32)
     running = [
         torch.zeros(shape[1], device="cuda"),
@@ -278,8 +288,8 @@ def test_cuda_graph_training_step():
         outputs = step()
 
     for seed in (10, 11, 12):
-        static_x.copy_(sample(shape, torch.float32, seed=seed))
-        static_dy.copy_(sample(shape, torch.float32, seed=seed + 100))
+        static_x.copy_(sample(shape, torch.float32, layout, seed=seed))
+        static_dy.copy_(sample(shape, torch.float32, layout, seed=seed + 100))
         graph.replay()
         mean, invstd = ref.batch_stats(static_x, EPS)
         want = (ref.normalize(static_x, mean, invstd, weight, bias),) + tuple(
@@ -292,6 +302,36 @@ def test_cuda_graph_training_step():
         for got, w in zip(running, expected_running):
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
     assert running[2].item() == 3
+
+
+@pytest.mark.parametrize("name, layout", [("cross-block", "contiguous"), ("wide-few-rows", "channels_last")])
+def test_split_reductions_repeat_bitwise(name, layout):
+    """The last block of a tile merges the partial states in a fixed order and resets its arrival
+    counter: repeated launches on one stream, with a larger launch (a larger counter buffer) between
+    them, and launches on two streams at once, all give the first launch's bits."""
+    x = sample(SHAPES[name], torch.float16, layout)
+    dy = sample(SHAPES[name], torch.float16, layout, seed=3)
+
+    def reduce(x, dy):
+        mean, invstd = ops.batch_stats(x, EPS)
+        return mean, invstd, *ops.backward(dy, x, mean, invstd, None, True, [False, True, True])[1:]
+
+    first = reduce(x, dy)
+    torch.testing.assert_close(first[0], ref.batch_stats(x, EPS)[0], **stats_tol(torch.float16))
+    wide = sample((4, 8192, 9, 9), torch.float16, "channels_last")
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(reduce(x, dy), first))
+        ops.batch_stats(wide, EPS)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    results = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            results.append(reduce(x, dy))
+    torch.cuda.synchronize()
+    for got in results:
+        assert all(torch.equal(a, b) for a, b in zip(got, first))
 
 
 def test_non_default_stream(layout):
