@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import modules, ops, policy, surgery
+from .autograd import with_cached_signature
 from .reference import stats_dtype
 
 # The forward's first all_gather sends this frame whatever C is: a header (C, count), then mean and
@@ -101,6 +102,7 @@ def global_batch_stats(input: Tensor, eps: float, group) -> Tuple[Tensor, Tensor
     return mean.to(acc), torch.rsqrt(var + eps).to(acc), total
 
 
+@with_cached_signature
 class SyncBatchNormFunction(torch.autograd.Function):
     """:class:`~ckbn.BatchNormFunction` with batch statistics of the whole ``group``.
 

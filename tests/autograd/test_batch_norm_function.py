@@ -98,3 +98,23 @@ def test_backward_never_touches_running_buffers():
     y.square().sum().backward()
     for key, value in bn.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(
+    "function", [BatchNormFunction, ckbn.distributed.SyncBatchNormFunction], ids=lambda f: f.__name__
+)
+def test_cached_forward_signature_is_the_functions_own(function):
+    """apply binds every call's arguments to forward's signature; the cached one (made once, for
+    speed) must name forward's parameters, in order, as inspect would build them."""
+    import inspect
+
+    forward = function.forward
+    assert "__signature__" in vars(forward)
+    code = forward.__code__
+    assert list(forward.__signature__.parameters) == list(code.co_varnames[: code.co_argcount])
+    cached = forward.__signature__
+    del forward.__signature__
+    try:
+        assert inspect.signature(forward) == cached
+    finally:
+        forward.__signature__ = cached

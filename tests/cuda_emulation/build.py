@@ -138,6 +138,9 @@ SANITIZER_FLAGS = {
     ],
 }
 _RUNTIME = {"thread": "libtsan.so", "address": "libasan.so"}
+# nvcc contracts a * b + c into one fused multiply-add by default (-fmad=true); the host compiler
+# does so only when told, and only with FMA instructions to use. For comparing rounding with a GPU's.
+FMA_FLAGS = ["-mfma", "-ffp-contract=fast"]
 
 
 def runtime_environment(sanitizer: Optional[str], env: Optional[dict] = None) -> dict:
@@ -237,10 +240,12 @@ def load(
     sanitizer: Optional[str] = None,
     defect: Optional[str] = None,
     units: Optional[list] = None,
+    fma: bool = False,
 ) -> None:
     """Builds (when changed) and loads the emulated kernels. `units`: the .cu files to build (their
-    operators only; default all), which keeps the seeded-defect builds short."""
-    suffix = "".join(f"_{part}" for part in (sanitizer, defect) if part).replace("-", "_")
+    operators only; default all), which keeps the seeded-defect builds short. `fma`: contract
+    multiply-adds as nvcc does (FMA_FLAGS)."""
+    suffix = "".join(f"_{part}" for part in (sanitizer, defect, "fma" if fma else None) if part).replace("-", "_")
     build_dir = os.path.join(ROOT, "build", "cuda_emulation" + suffix)
     sources = write_sources(build_dir, defect)
     if units is not None:
@@ -248,7 +253,7 @@ def load(
     # The compiler must not run under the sanitizer runtime this process may have preloaded.
     preload = os.environ.pop("LD_PRELOAD", None)
     try:
-        _load(suffix, sources, build_dir, SANITIZER_FLAGS[sanitizer], verbose)
+        _load(suffix, sources, build_dir, SANITIZER_FLAGS[sanitizer] + (FMA_FLAGS if fma else []), verbose)
     finally:
         if preload is not None:
             os.environ["LD_PRELOAD"] = preload
@@ -260,7 +265,7 @@ def _load(suffix: str, sources: list, build_dir: str, sanitizer_flags: list, ver
         sources=[os.path.join(CSRC, "ops.cpp"), *sources],
         # C++20 for std::barrier, whatever standard this torch gives extensions by default.
         extra_cflags=["-O1", "-std=c++20", f"-I{CSRC}", f"-iquote{HERE}", *sanitizer_flags],
-        extra_ldflags=["-lpthread", *sanitizer_flags[:1]],
+        extra_ldflags=["-lpthread", *(flag for flag in sanitizer_flags if flag.startswith("-fsanitize"))],
         build_directory=build_dir,
         is_python_module=False,
         verbose=verbose,
