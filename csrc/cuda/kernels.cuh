@@ -190,25 +190,33 @@ template <typename Op, int VEC, bool kChannelsLast>
 constexpr int kRowsPerTile = plan::rows_per_tile(
     Op::kKind, kChannelsLast, VEC, static_cast<int>(sizeof(typename Op::scalar_type)), Op::kInputs);
 
-// Loads the existing rows of one tile of the op's inputs (x, and dy for two-input ops): all of
-// them (kFull, a compile-time promise that tile.valid == ROWS), or the first tile.valid. Every
-// load is issued before any is converted: with a branch or a conversion between two loads, the
-// second waits for the first, and a thread has one load in flight instead of ROWS.
+// Issues the loads of the existing rows of one tile of the op's inputs (x, and dy for two-input
+// ops), still packed: all of them (kFull, a compile-time promise that tile.valid == ROWS), or the
+// first tile.valid. Every load is issued before any is used: with a branch or a conversion between
+// two loads, the second waits for the first, and a thread has one load in flight instead of ROWS.
+template <bool kFull, int VEC, int ROWS, typename Op>
+__device__ __forceinline__ void load_raw_tile(const Op& op, const Tile& tile,
+                                              Pack<typename Op::scalar_type, VEC> (&x)[ROWS],
+                                              Pack<typename Op::scalar_type, VEC> (&dy)[ROWS]) {
+#pragma unroll
+  for (int k = 0; k < ROWS; ++k) {
+    if (kFull || k < tile.valid) {
+      x[k] = load_raw<VEC>(op.x, tile.base + k * tile.stride);
+      if constexpr (Op::kInputs == 2) {
+        dy[k] = load_raw<VEC>(op.dy, tile.base + k * tile.stride);
+      }
+    }
+  }
+}
+
+// The rows of one tile (load_raw_tile), converted to acc_t for a reduction.
 template <bool kFull, int VEC, int ROWS, typename Op, typename acc_t>
 __device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t (&x)[ROWS][VEC],
                                           acc_t (&dy)[ROWS][VEC]) {
   using scalar_t = typename Op::scalar_type;
   Pack<scalar_t, VEC> x_raw[ROWS] = {};
   Pack<scalar_t, VEC> dy_raw[ROWS] = {};
-#pragma unroll
-  for (int k = 0; k < ROWS; ++k) {
-    if (kFull || k < tile.valid) {
-      x_raw[k] = load_raw<VEC>(op.x, tile.base + k * tile.stride);
-      if constexpr (Op::kInputs == 2) {
-        dy_raw[k] = load_raw<VEC>(op.dy, tile.base + k * tile.stride);
-      }
-    }
-  }
+  load_raw_tile<kFull>(op, tile, x_raw, dy_raw);
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
 #pragma unroll
@@ -226,23 +234,14 @@ __device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t 
 // The inputs stay packed until their lane is used and each result is packed as soon as it is
 // computed: for 2-byte types that holds VEC / 2 registers per input row, not VEC, through the
 // element formula (an activation's body needs the rest beside VEC lanes of coefficients).
-// A full tile (kFull) loads every row unconditionally, as load_tile does, so that all its loads are
-// in flight before the first is used.
+// The loads are load_raw_tile's, all in flight before the first is used.
 template <bool kFull, int VEC, int ROWS, typename Op, typename CoeffOf>
 __device__ __forceinline__ void transform_rows(const Op& op, const Tile& tile, CoeffOf&& coeff_of) {
   using acc_t = typename Op::acc_t;
   using scalar_t = typename Op::scalar_type;
   Pack<scalar_t, VEC> x[ROWS] = {};
   Pack<scalar_t, VEC> dy[ROWS] = {};
-#pragma unroll
-  for (int k = 0; k < ROWS; ++k) {
-    if (kFull || k < tile.valid) {
-      x[k] = load_raw<VEC>(op.x, tile.base + k * tile.stride);
-      if constexpr (Op::kInputs == 2) {
-        dy[k] = load_raw<VEC>(op.dy, tile.base + k * tile.stride);
-      }
-    }
-  }
+  load_raw_tile<kFull>(op, tile, x, dy);
 #pragma unroll
   for (int k = 0; k < ROWS; ++k) {
     if (kFull || k < tile.valid) {
