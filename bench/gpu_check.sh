@@ -172,6 +172,12 @@ PYTEST=($PYTHON -m pytest -v --tb=short -rfEs -p no:cacheprovider --ignore=tests
   --ignore=tests/ops/test_gpu_static.py --ignore=tests/modules/test_compile.py)
 $PYTHON -c 'import xdist' 2> /dev/null && PYTEST+=(-n 2)
 if wants tests; then
+  if ! $PYTHON -c 'import expecttest' 2> /dev/null; then
+    # torch's module_db imports expecttest: without it that file fails to collect, and with it the
+    # whole run. The other files still run.
+    PYTEST+=(--ignore=tests/modules/test_module_db.py)
+    record "tests: module_db" SKIP 0 "expecttest not installed: carry it in .whl/ (see this script's header)"
+  fi
   if $PYTHON -c 'import pytest' 2> /dev/null; then
     step "tests: test_cuda.py" 150 "$OUT_DIR/tests.log" "${PYTEST[@]}" tests/ops/test_cuda.py -m "not slow"
     step "tests: -k cuda" 100 "$OUT_DIR/tests.log" --pytest "${PYTEST[@]}" tests --ignore=tests/ops/test_cuda.py -k cuda \
