@@ -199,13 +199,18 @@ if wants smoke; then
   fi
 fi
 
-  # -------------------------------------------------------------------------------------------
-  # 3. compute-sanitizer over the smoke workload, which exits 3 when ckbn has no CUDA kernels, so
-  # that a pass means ckbn's kernels ran. Without the caching allocator every tensor is its own
-  # allocation, so memcheck sees accesses past a tensor's end. memcheck: out-of-bounds and
-  # misaligned accesses; racecheck: shared-memory races (the block merges, the coefficient tables);
-  # synccheck: barriers not every thread of the block reaches; initcheck: reads of global memory
+# ---------------------------------------------------------------------------------------------
+# 3. compute-sanitizer over the smoke workload, which exits 3 when ckbn has no CUDA kernels, so
+# that a pass means ckbn's kernels ran. Without the caching allocator every tensor is its own
+# allocation, so memcheck sees accesses past a tensor's end. memcheck: out-of-bounds and
+# misaligned accesses; racecheck: shared-memory races (the block merges, the coefficient tables);
+# synccheck: barriers not every thread of the block reaches; initcheck: reads of global memory
 # nothing wrote, with the smoke's NaN fill of new tensors off so that such reads stay visible.
+# Each leaves the benchmark and the compile tests their time (BENCH_FLOOR, COMPILE_RESERVE).
+BENCH_FLOOR=0
+wants bench && BENCH_FLOOR=120
+KEEP=$BENCH_FLOOR
+wants compile && KEEP=$((KEEP + COMPILE_RESERVE))
 TOOLS=()
 for tool in memcheck racecheck synccheck initcheck; do wants $tool && TOOLS+=("$tool"); done
 if ((${#TOOLS[@]})) && { command -v compute-sanitizer > /dev/null 2>&1 || dry; }; then
@@ -220,6 +225,12 @@ if ((${#TOOLS[@]})) && { command -v compute-sanitizer > /dev/null 2>&1 || dry; }
       # inputs torch's kernels wrote read as uninitialized (seen on the H200, 2026-12-04).
       SMOKE_ARGS+=(--no-fill) TOOL_FILTER=() LIMIT=150
     fi
+    AVAILABLE=$(($(time_left) - KEEP))
+    if ((AVAILABLE < 20)); then
+      record "sanitizer: $tool" SKIP 0 "time kept for the benchmark and compile tests"
+      continue
+    fi
+    ((LIMIT > AVAILABLE)) && LIMIT=$AVAILABLE
     step "sanitizer: $tool" $LIMIT "$OUT_DIR/sanitizer.log" --gpu \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --print-limit 20 \
       ${TOOL_FILTER[@]+"${TOOL_FILTER[@]}"} --error-exitcode 1 $PYTHON bench/gpu_smoke.py "${SMOKE_ARGS[@]}"
