@@ -253,19 +253,21 @@ def load(
     # The compiler must not run under the sanitizer runtime this process may have preloaded.
     preload = os.environ.pop("LD_PRELOAD", None)
     try:
-        _load(suffix, sources, build_dir, SANITIZER_FLAGS[sanitizer] + (FMA_FLAGS if fma else []), verbose)
+        sanitizer_flags = SANITIZER_FLAGS[sanitizer]
+        cflags = sanitizer_flags + (FMA_FLAGS if fma else [])
+        _load(suffix, sources, build_dir, cflags, sanitizer_flags[:1], verbose)
     finally:
         if preload is not None:
             os.environ["LD_PRELOAD"] = preload
 
 
-def _load(suffix: str, sources: list, build_dir: str, sanitizer_flags: list, verbose: bool) -> None:
+def _load(suffix: str, sources: list, build_dir: str, cflags: list, ldflags: list, verbose: bool) -> None:
     torch.utils.cpp_extension.load(
         name="ckbn_cuda_emulated" + suffix,
         sources=[os.path.join(CSRC, "ops.cpp"), *sources],
         # C++20 for std::barrier, whatever standard this torch gives extensions by default.
-        extra_cflags=["-O1", "-std=c++20", f"-I{CSRC}", f"-iquote{HERE}", *sanitizer_flags],
-        extra_ldflags=["-lpthread", *(flag for flag in sanitizer_flags if flag.startswith("-fsanitize"))],
+        extra_cflags=["-O1", "-std=c++20", f"-I{CSRC}", f"-iquote{HERE}", *cflags],
+        extra_ldflags=["-lpthread", *ldflags],
         build_directory=build_dir,
         is_python_module=False,
         verbose=verbose,
