@@ -623,17 +623,7 @@ _SIXTEEN_BIT_LANES = (
 )
 # The in-flight entry covers only the figures it explains: within 2% of the target.
 _SIXTEEN_BIT_LANES_SHORT = (_SIXTEEN_BIT_LANES, 0.98 * IN_FLIGHT_TARGET)
-_SCALAR_HALF_LOADS = (
-    "S = 49 is odd, so half planes take 2-byte scalar loads; 8 rows a thread (16 bytes) is what the "
-    "registers hold beside a fused activation's coefficients: 16 rows spill",
-    16 * 1024,
-)
 KNOWN_TARGET_MISSES: Dict[tuple, object] = {
-    **{
-        ("in_flight", op, "planes", dtype, "elementwise_planes_kernel<NormalizeElementwise, 1>"): _SCALAR_HALF_LOADS
-        for op in ("forward", "replay")
-        for dtype in ("float16", "bfloat16")
-    },
     ("passes", "backward", "last"): "the channels_last backward is "
     + _TWO_KERNEL_BACKWARD
     + "; a kernel holding whole channels has only ceil(C / 256) channel tiles to spread over 132 SMs",

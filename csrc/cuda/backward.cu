@@ -81,13 +81,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
             bool fused = false;
             if (need_input) {
               // A unit holding a whole channel can write its grad_input in the same kernel, while
-              // the channel's data is still in L2: fused when the planner finds that cheaper.
+              // the channel's data is still in L2: fused when the planner finds that cheaper. It
+              // weighs the two kernels over the same planes: its cost counts elements, not the
+              // flat kernel's wider loads, which would tip small layers (that L2 holds whole) to
+              // two launches.
               fused_plan =
                   plan_grad_reduction<scalar_t, kAct, true>(g, pointers, view, /*max_splits=*/1);
-              fused =
-                  plan::fuse_backward(plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
-                                      plan_grad_elementwise<scalar_t, kAct>(g, pointers, view),
-                                      device_info(view.get_device()).l2_bytes);
+              fused = plan::fuse_backward(
+                  plan_shape(g, sizeof(scalar_t), 2), fused_plan, split_plan,
+                  plan_grad_elementwise<scalar_t, kAct>(g, pointers, view, /*flat=*/false),
+                  device_info(view.get_device()).l2_bytes);
             }
             GradReduction<scalar_t, acc_t, kAct> red{
                 element.x,

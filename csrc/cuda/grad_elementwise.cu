@@ -7,8 +7,9 @@ namespace gpu {
 
 template <typename scalar_t, math::Activation act>
 plan::Plan plan_grad_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
-                                 const at::Tensor& on) {
-  return plan_elementwise<BackwardElementwise<scalar_t, acc_type<scalar_t>, act>>(g, pointers, on);
+                                 const at::Tensor& on, bool flat) {
+  return plan_elementwise<BackwardElementwise<scalar_t, acc_type<scalar_t>, act>>(g, pointers, on,
+                                                                                  flat);
 }
 
 template <typename scalar_t, math::Activation act>
@@ -19,7 +20,7 @@ void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>
 
 #define CKBN_INSTANTIATE(scalar_t, act)                                                 \
   template plan::Plan plan_grad_elementwise<scalar_t, act>(                             \
-      const Geometry&, std::initializer_list<const void*>, const at::Tensor&);          \
+      const Geometry&, std::initializer_list<const void*>, const at::Tensor&, bool);    \
   template void run_grad_elementwise<scalar_t, act>(                                    \
       const BackwardElementwise<scalar_t, acc_type<scalar_t>, act>&, const plan::Plan&, \
       const Geometry&);

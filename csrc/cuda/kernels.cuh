@@ -16,7 +16,8 @@
 //   reduce_*: per-channel reductions (Welford moments for batch_stats; sum(dy) and
 //     sum(dy * (x - mean)) for the backward), optionally followed, when a unit holds a whole
 //     channel, by the element-wise grad_input pass (fused backward);
-//   elementwise_*: normalize and grad_input.
+//   elementwise_*: normalize and grad_input (and flat_kernel.cuh's elementwise_flat_kernel,
+//     which reads planes as one run).
 // Every formula comes from batch_norm_math.h; these files decide only which thread visits which
 // element.
 //
@@ -229,8 +230,8 @@ __device__ __forceinline__ void load_tile(const Op& op, const Tile& tile, acc_t 
   }
 }
 
-// out = op.apply(x, dy, coeffs of the element's channel) over one tile; coeff_of(v) gives the
-// coefficients of vector lane v.
+// out = op.apply(x, dy, coeffs of the element's channel) over one tile; coeff_of(k, v) gives the
+// coefficients of vector lane v of row k.
 // The inputs stay packed until their lane is used and each result is packed as soon as it is
 // computed: for 2-byte types that holds VEC / 2 registers per input row, not VEC, through the
 // element formula (an activation's body needs the rest beside VEC lanes of coefficients).
@@ -249,7 +250,7 @@ __device__ __forceinline__ void transform_rows(const Op& op, const Tile& tile, C
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         y.v[v] = static_cast<scalar_t>(
-            op.apply(lane_value<acc_t>(x[k], v), lane_value<acc_t>(dy[k], v), coeff_of(v)));
+            op.apply(lane_value<acc_t>(x[k], v), lane_value<acc_t>(dy[k], v), coeff_of(k, v)));
       }
       store_raw<VEC>(op.out, tile.base + k * tile.stride, y);
     }
@@ -483,7 +484,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       if (red.fused()) {
         const auto coeffs = red.element_coeffs(c, total);
         visit_planes<VEC, ROWS>(t, c, split, [&](const Tile& tile) {
-          transform_tile<VEC, ROWS>(red.element, tile, [&](int) { return coeffs; });
+          transform_tile<VEC, ROWS>(red.element, tile, [&](int, int) { return coeffs; });
         });
       }
     }
@@ -708,7 +709,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
             coeffs[v] = coeff_table.template load<false>(threadIdx.x, v);
           }
           visit_rows<VEC, ROWS>(t, c0, split, [&](const Tile& tile) {
-            transform_tile<VEC, ROWS>(red.element, tile, [&](int v) {
+            transform_tile<VEC, ROWS>(red.element, tile, [&](int, int v) {
               return kInLoop ? coeff_table.template load<true>(threadIdx.x, v) : coeffs[v];
             });
           });
@@ -726,7 +727,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   for (UnitWalk u(t.channels); u.unit < t.units; u.next(t.channels, t.step)) {
     const auto coeffs = op.coeffs(u.tile);
     visit_planes<VEC, ROWS>(t, u.tile, u.split, [&](const Tile& tile) {
-      transform_tile<VEC, ROWS>(op, tile, [&](int) { return coeffs; });
+      transform_tile<VEC, ROWS>(op, tile, [&](int, int) { return coeffs; });
     });
   }
 }
@@ -755,7 +756,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         coeffs[v] = table.template load<false>(threadIdx.x, v);
       }
       visit_rows<VEC, ROWS>(t, c0, u.split, [&](const Tile& tile) {
-        transform_tile<VEC, ROWS>(op, tile, [&](int v) {
+        transform_tile<VEC, ROWS>(op, tile, [&](int, int v) {
           return kInLoop ? table.template load<true>(threadIdx.x, v) : coeffs[v];
         });
       });

@@ -1,8 +1,9 @@
 // The host side of the CUDA operators: launch plans (launch_plan.h) from the limits of the
-// device, the launch of a planned kernel of kernels.cuh, and the argument handling the operator
-// files (stats.cu, normalize.cu, backward.cu, running_stats.cu) share.
+// device, the launch of a planned kernel of kernels.cuh or flat_kernel.cuh, and the argument
+// handling the operator files (stats.cu, normalize.cu, backward.cu, running_stats.cu) share.
 #pragma once
 
+#include "flat_kernel.cuh"
 #include "kernels.cuh"
 
 #include <ATen/Dispatch.h>
@@ -160,12 +161,41 @@ plan::Plan plan_reduction(const Geometry& g, std::initializer_list<const void*> 
   return plan::plan_launch(plan::Kind::Reduce, shape, vec, limits, max_splits);
 }
 
+inline FlatTiling flat_tiling(const plan::Plan& p, const Geometry& g) {
+  const int64_t numel = g.batch * g.channels * g.spatial;
+  const int64_t unit_vectors = p.flat_groups * kThreads * p.rows;
+  const int64_t grid_elements = p.grid * unit_vectors * p.vec;
+  return FlatTiling{numel,
+                    numel / p.vec,
+                    unit_vectors,
+                    p.units,
+                    static_cast<unsigned>(g.spatial),
+                    static_cast<unsigned>(g.channels),
+                    static_cast<unsigned>(p.flat_groups),
+                    static_cast<unsigned>((grid_elements / g.spatial) % g.channels),
+                    static_cast<unsigned>(grid_elements % g.spatial)};
+}
+
+// The flat kernel's one vector width: 16 bytes.
+template <typename Op>
+constexpr int kFlatVec =
+    plan::max_vector_width(plan::Kind::Elementwise, false, sizeof(typename Op::scalar_type));
+
+// With flat = false, only planes or rows plans (see backward.cu's fusion decision).
 template <typename Op>
 plan::Plan plan_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
-                            const at::Tensor& on) {
+                            const at::Tensor& on, bool flat = true) {
   const plan::Shape shape = plan_shape(g, sizeof(typename Op::scalar_type), Op::kInputs);
-  const int vec = plan::vector_width(plan::Kind::Elementwise, shape, aligned_bytes(pointers));
+  const int aligned = aligned_bytes(pointers);
+  const int vec = plan::vector_width(plan::Kind::Elementwise, shape, aligned);
   const int device = on.get_device();
+  if (flat && plan::flat_vector_width(shape, vec, aligned) == kFlatVec<Op>) {
+    const plan::Plan flat = plan::plan_flat(
+        shape, kFlatVec<Op>, device_limits<elementwise_flat_kernel<Op, kFlatVec<Op>>>(device));
+    if (plan::flat_fills(flat)) {
+      return flat;
+    }
+  }
   plan::DeviceLimits limits{};
   with_layout_width<plan::Kind::Elementwise, typename Op::scalar_type>(
       shape.channels_last, vec,
@@ -238,6 +268,13 @@ void run_elementwise(const Op& op, const plan::Plan& p, const Geometry& g) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(p.grid));
   const dim3 block(p.block_x, p.block_y);
+  if (p.flat) {
+    constexpr int kVec = kFlatVec<Op>;
+    TORCH_INTERNAL_ASSERT(p.vec == kVec, "ckbn: unplanned flat vector width ", p.vec);
+    elementwise_flat_kernel<Op, kVec><<<grid, block, 0, stream>>>(op, flat_tiling(p, g));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   with_layout_width<plan::Kind::Elementwise, typename Op::scalar_type>(
       p.channels_last, p.vec,
       [&](auto w) {
@@ -328,7 +365,7 @@ void run_grad_reduction(const GradReduction<scalar_t, acc_type<scalar_t>, act, f
                         const plan::Plan& p, const Geometry& g, const at::Tensor& like);
 template <typename scalar_t, math::Activation act>
 plan::Plan plan_grad_elementwise(const Geometry& g, std::initializer_list<const void*> pointers,
-                                 const at::Tensor& on);
+                                 const at::Tensor& on, bool flat = true);
 template <typename scalar_t, math::Activation act>
 void run_grad_elementwise(const BackwardElementwise<scalar_t, acc_type<scalar_t>, act>& op,
                           const plan::Plan& p, const Geometry& g);

@@ -17,7 +17,11 @@
 //                      GradReduction<scalar_t, acc_t> (backward, backward_reduce);
 //        Elementwise:  elementwise_planes_kernel<Op, vec> / elementwise_rows_kernel<Op, vec>,
 //                      Op = NormalizeElementwise<scalar_t, acc_t> (normalize) or
-//                      BackwardElementwise<scalar_t, acc_t> (backward, backward_elemt).
+//                      BackwardElementwise<scalar_t, acc_t> (backward, backward_elemt);
+//                      over planes, elementwise_flat_kernel<Op, flat_vec> instead when
+//                      flat_vector_width(shape, vec, aligned_bytes) gives flat_vec > 0 and
+//                      plan_flat(shape, flat_vec, limits of that kernel) fills the GPU
+//                      (flat_fills).
 //      DeviceLimits.blocks_per_multiprocessor is that kernel's resident blocks per SM at kThreads
 //      threads and no dynamic shared memory: cudaOccupancyMaxActiveBlocksPerMultiprocessor, or
 //      the same computed from its registers and static shared memory (cuobjdump -res-usage).
@@ -79,6 +83,8 @@ struct Shape {
 
 struct Plan {
   bool channels_last = false;
+  // elementwise_flat_kernel: planes read as one run (see plan_flat).
+  bool flat = false;
   int vec = 1;      // elements per load and store (a multiple of the contiguous extent)
   int rows = 1;     // rows (planes, or channels-last rows) one thread loads before using any
   int block_x = 1;  // block shape: block_x * block_y == kThreads
@@ -95,6 +101,9 @@ struct Plan {
   int64_t spatial_splits = 1;
   // ChannelsLast units: unit u = split * tiles + tile, covering row_chunk rows.
   int64_t row_chunk = 0;
+  // Flat units: unit u is flat_groups groups of kThreads * rows vectors, from vector
+  // u * flat_groups * kThreads * rows on.
+  int64_t flat_groups = 0;
   // Wave accounting against the resident capacity multiprocessors * blocks_per_multiprocessor.
   int64_t resident_blocks = 1;
   double waves = 0;         // grid / resident_blocks
@@ -247,6 +256,92 @@ inline Plan plan_launch(Kind kind, const Shape& s, int vec, const DeviceLimits& 
   }
   return best;
 }
+
+// Element-wise kernels may read planes as one flat run of N * C * S elements
+// (elementwise_flat_kernel): the vectors then cross plane boundaries, so that the loads are 16
+// bytes wide whatever S is and no lane is idle, where planes with S odd (7 x 7) take scalar loads.
+// A unit's block first fills a table of the coefficients of the planes the unit covers, one entry
+// per thread (kThreads), then walks its groups: groups of kThreads x rows vectors, each thread's
+// rows all in flight at once.
+
+// Table entries a flat unit of `elements` over planes of `spatial` needs: the planes it can touch
+// from any offset in its first one, and the plane after (the second plane of a vector that ends
+// past the unit's last one is read, if not used).
+CKBN_PLAN_HOST_DEVICE constexpr int64_t flat_table_planes(int64_t spatial, int64_t elements) {
+  return (spatial + elements - 2) / spatial + 2;
+}
+
+// Groups of a flat unit, at most: more amortize the table, fewer leave more units for the GPU.
+constexpr int64_t kMaxFlatGroups = 8;
+
+// Rows a thread of a flat kernel loads before using any (16-byte loads): rows_per_tile as for
+// channels_last, whose lanes too take coefficients of different channels (two lanes' worth of
+// coefficients leave 32 bytes of loads, not 64, in the 16-bit kernels' registers).
+CKBN_PLAN_HOST_DEVICE constexpr int flat_rows(int element_size, int inputs) {
+  return rows_per_tile(Kind::Elementwise, true, 16 / element_size, element_size, inputs);
+}
+
+// The vector width of a flat element-wise kernel over `s`, or 0 where it does not apply: planes
+// whose own vector width (planes_vec) is below the widest, and whose plan has no more bytes of
+// loads in flight a thread (14 x 14 of 16-bit input: 8 rows of 8-byte loads, 64 bytes, against
+// the flat kernel's 32); every pointer 16-byte aligned; planes long enough that a vector spans at
+// most two and a group's planes fit the table.
+inline int flat_vector_width(const Shape& s, int planes_vec, int aligned_bytes) {
+  const int vec = max_vector_width(Kind::Elementwise, false, s.element_size);
+  if (s.channels_last || planes_vec >= vec || aligned_bytes < 16 || s.spatial < vec ||
+      s.spatial > (int64_t{1} << 30)) {
+    return 0;
+  }
+  const int rows = flat_rows(s.element_size, s.inputs);
+  const int planes_rows =
+      rows_per_tile(Kind::Elementwise, false, planes_vec, s.element_size, s.inputs);
+  if (rows * 16 < planes_rows * planes_vec * s.element_size) {
+    return 0;
+  }
+  return flat_table_planes(s.spatial, int64_t{kThreads} * vec * rows) <= kThreads ? vec : 0;
+}
+
+// The flat launch over `s` with loads of `vec` (flat_vector_width) elements on a device with `d`:
+// the most groups per unit (at most kMaxFlatGroups) whose planes fit the table and that leave a
+// unit for every resident block, or one group.
+inline Plan plan_flat(const Shape& s, int vec, const DeviceLimits& d) {
+  Plan p;
+  p.flat = true;
+  p.vec = vec;
+  p.rows = flat_rows(s.element_size, s.inputs);
+  p.block_x = kThreads;
+  p.block_y = 1;
+  p.resident_blocks =
+      int64_t{max_of(d.multiprocessors, 1)} * max_of(d.blocks_per_multiprocessor, 1);
+  const int64_t group_vectors = int64_t{kThreads} * p.rows;
+  const int64_t vectors = s.batch * s.channels * s.spatial / vec;
+  p.flat_groups = 1;
+  for (int64_t g = kMaxFlatGroups; g > 1; --g) {
+    if (flat_table_planes(s.spatial, g * group_vectors * vec) <= kThreads &&
+        ceil_div(vectors, g * group_vectors) >= p.resident_blocks) {
+      p.flat_groups = g;
+      break;
+    }
+  }
+  const int64_t unit_vectors = p.flat_groups * group_vectors;
+  p.units = ceil_div(vectors, unit_vectors);
+  p.tiles = p.units;
+  p.splits = 1;
+  p.grid = max_of<int64_t>(1, min_of(p.units, p.resident_blocks));
+  p.grid_stride = p.units > p.grid;
+  p.rounds = ceil_div(p.units, p.grid);
+  p.unit_balance = static_cast<double>(p.units) / static_cast<double>(p.rounds * p.grid);
+  p.waves = static_cast<double>(p.grid) / static_cast<double>(p.resident_blocks);
+  p.fill = static_cast<double>(p.units) / static_cast<double>(p.rounds * p.resident_blocks);
+  p.cost = static_cast<double>(ceil_div(p.units, p.resident_blocks) *
+                               (unit_vectors * vec + kElementwiseUnitCost));
+  return p;
+}
+
+// Whether a flat plan keeps every resident block busy at least once. Its units are whole groups,
+// so a small tensor has fewer than the GPU holds, where the planes plan splits channels finely
+// enough to fill it: there the planes plan runs.
+inline bool flat_fills(const Plan& p) { return p.flat && p.units >= p.resident_blocks; }
 
 // Whether backward runs its reduction and grad_input in one kernel (each block holds whole
 // channels: `fused`, planned with max_splits = 1) rather than `reduce` and then

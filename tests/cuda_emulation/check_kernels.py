@@ -60,6 +60,11 @@ CASES = [
     ("spatial-4", (4, 3, 6, 6), "planes"),  # 16-bit: 8-byte loads
     ("spatial-2", (4, 3, 5, 6), "planes"),  # 16-bit: 4-byte loads; 32-bit: 8-byte loads
     ("wide-few-rows", (2, 256, 3, 3), "last"),  # row splits of several channel tiles, finalized
+    # Odd S of at least 8 units of the flat element-wise kernel (8 blocks resident): several groups
+    # a unit, more units than blocks, a partial last unit and a tail of fewer than VEC elements;
+    # S = 49 and C = 67 (a unit spans hundreds of planes), then C = 3 (channels wrap in a unit).
+    ("flat", (41, 67, 7, 7), "planes"),
+    ("flat-wrap", (15, 3, 55, 57), "planes"),
     ("empty-batch", (0, 3, 4, 4), "planes"),
     ("empty-spatial", (4, 3, 0, 5), "last"),
 ]

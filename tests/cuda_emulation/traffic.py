@@ -46,6 +46,7 @@ TRAFFIC_CASES = [
     ("planes vector, whole channels", (8, 16, 16, 16), "planes"),
     ("planes vector, split channels", (32, 2, 64, 64), "planes"),
     ("planes scalar (odd spatial)", (8, 6, 7, 7), "planes"),
+    ("planes flat (odd spatial, a unit for every block)", (41, 67, 7, 7), "planes"),
     ("rows vector, whole channels", (32, 64, 4, 4), "last"),
     ("rows vector, split channels", (32, 8, 16, 16), "last"),
 ]

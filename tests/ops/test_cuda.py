@@ -30,6 +30,9 @@ SHAPES = {
     "spatial-2": (8, 16, 5, 6),  # 16-bit NCHW: 4-byte loads, fp32 8-byte loads
     "wide-few-rows": (8, 2048, 7, 7),  # channels_last: many row splits, merged by the last block
     "many-channels": (4, 1500, 3, 3),  # more units than resident blocks: grid-stride loops
+    # NCHW, S = 49: normalize and grad_input read the planes as one flat run (units enough for an
+    # H200's 264 blocks), vectors across plane boundaries, a tail of numel % 8 elements.
+    "flat": (127, 701, 7, 7),
 }
 # Output tolerance per dtype; statistics are float32 (float64 for float64 input).
 TOL = {

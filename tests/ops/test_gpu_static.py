@@ -2,6 +2,7 @@
 emulated global-memory traffic, launch plans), and the check CI runs on the built sm_90 code."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -237,6 +238,49 @@ def test_emulated_operators_move_no_more_than_their_design():
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     assert result.stdout.count("ok  ") >= 60, result.stdout  # every case ran
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
+def test_planner_reads_odd_planes_flat_where_that_fills_the_gpu(tmp_path):
+    """The host code's plans on an H100/H200 (132 SMs, 2 blocks each): planes with S odd (7 x 7)
+    take the flat element-wise kernel when its units fill the 264 block slots, the planes kernel
+    where they would not, where the planes have wider loads in flight (14 x 14 of 16-bit input: 8
+    rows of 8 bytes) and where S is a multiple of the vector width. The reductions, and the choice
+    of the fused backward, do not change."""
+    cases = {
+        # (shape, layout, dtype): the normalize kernel expected
+        ((256, 2048, 7, 7), "planes", "float16"): "elementwise_flat_kernel<NormalizeElementwise, 8>",
+        ((256, 2048, 7, 7), "planes", "float32"): "elementwise_flat_kernel<NormalizeElementwise, 4>",
+        ((256, 256, 14, 14), "planes", "bfloat16"): "elementwise_planes_kernel<NormalizeElementwise, 4>",
+        ((256, 256, 14, 14), "planes", "float32"): "elementwise_planes_kernel<NormalizeElementwise, 4>",
+        ((32, 512, 7, 7), "planes", "float16"): "elementwise_planes_kernel<NormalizeElementwise, 1>",
+        ((32, 2048, 7, 7), "planes", "float16"): "elementwise_flat_kernel<NormalizeElementwise, 8>",
+        ((256, 64, 56, 56), "planes", "float16"): "elementwise_planes_kernel<NormalizeElementwise, 8>",
+        ((256, 2048, 7, 7), "last", "float16"): "elementwise_rows_kernel<NormalizeElementwise, 8>",
+    }
+    spec = [{"shape": list(s), "layout": layout, "dtype": dtype} for s, layout, dtype in cases]
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {
+        "CKBN_EMULATED_SMS": str(gpu_static.H100["sms"]),
+        "CKBN_EMULATED_BLOCKS_PER_SM": "2",
+        "CKBN_EMULATED_L2_BYTES": str(gpu_static.H100["l2_bytes"]),
+    }
+    plans = gpu_static.emulate("plans", ["--shapes", str(spec_path)], env)["plans"]
+    gpu_static.name_launches([plans])
+    got = {}
+    for p in plans:
+        key = (tuple(p["shape"]), p["layout"], p["dtype"])
+        got.setdefault(key, {})[p["op"]] = [gpu_static.short(launch["kernel"]) for launch in p["launches"]]
+    for key, expected in cases.items():
+        assert got[key]["normalize"] == [expected], (key, got[key])
+        assert all("flat" not in k for k in got[key]["batch_stats"]), (key, got[key])
+        # The unfused backward's grad_input takes the same kind of kernel as normalize.
+        grad_input = [k for k in got[key]["backward train"] if k.startswith("elementwise_")]
+        assert all(k.split("<")[0] == expected.split("<")[0] for k in grad_input), (key, got[key])
+    # Whole channels in L2, one fused kernel, as before the flat kernel (whose cost would tip it).
+    assert got[((32, 2048, 7, 7), "planes", "float16")]["backward train"] == ["reduce_planes_kernel<GradReduction, 1>"]
 
 
 def _compiled_library():
