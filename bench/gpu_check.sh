@@ -6,7 +6,8 @@
 #      aside), bench/gpu_smoke.py (every op, both layouts), bench/sync_nccl_check.py (SyncBatchNorm
 #      over NCCL, world size 1)
 #   3. compute-sanitizer memcheck, racecheck, synccheck and initcheck over bench/gpu_smoke.py
-#   4. bench/ops.py --device cuda over ResNet-50's BatchNorm shapes, with the time that is left
+#   4. bench/flat_vs_planes.py (the flat element-wise kernel against the planes one, 7x7 layers),
+#      then bench/ops.py --device cuda over ResNet-50's BatchNorm shapes, with the time that is left
 #      but a reserve for
 #   5. the cold torch.compile tests (tests/modules/test_compile.py -k cuda), under their own cap
 # and prints a summary table last. Every step runs with CKBN_REQUIRE_EXTENSION=1 and each has its
@@ -248,6 +249,14 @@ BENCH_DEVICE=cuda
 dry && BENCH_DEVICE=cpu
 BENCH_ARGS=(--device "$BENCH_DEVICE" --json "$OUT_DIR/ops-$BENCH_DEVICE.json" --md "$OUT_DIR/ops-$BENCH_DEVICE.md"
   --plot "$OUT_DIR/ops-$BENCH_DEVICE.png")
+# First the flat element-wise kernel against the planes one on 7x7 layers (a table in bench.log).
+if wants bench; then
+  if dry; then
+    step "flat vs planes (dry: cpu)" 60 "$OUT_DIR/bench.log" $PYTHON bench/flat_vs_planes.py --device cpu --runs 2 --shapes 1
+  else
+    step "flat vs planes" 60 "$OUT_DIR/bench.log" $PYTHON bench/flat_vs_planes.py
+  fi
+fi
 RESERVE=0
 wants compile && RESERVE=$COMPILE_RESERVE
 BENCH_LIMIT=$(($(time_left) - RESERVE - 10))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import REPO_ROOT
 
 import ckbn
@@ -407,3 +408,24 @@ def target_rows(backward, in_flight):
         dict(spec, op="backward train", launches=[plan_launch(name, 396) for name in backward]),
     ]
     return gpu_static.judge_targets(plans, kernels)
+
+
+def test_flat_vs_planes_benchmark_rehearses_on_the_cpu(tmp_path):
+    """bench/flat_vs_planes.py, which gpu_check.sh runs on a lent GPU, runs end to end on the CPU
+    operators: both variants of each op and dtype, the misaligned one 2- or 4-byte aligned."""
+    out = tmp_path / "flat.json"
+    script = os.path.join(ROOT, "bench", "flat_vs_planes.py")
+    args = [sys.executable, script, "--device", "cpu", "--runs", "1", "--shapes", "1", "--json", str(out)]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["op"], r["dtype"]) for r in rows] == [
+        (op, dtype) for dtype in ("float32", "float16", "bfloat16") for op in ("normalize", "grad_input")
+    ]
+    assert all(r["flat_ms"] > 0 and r["planes_ms"] > 0 for r in rows), rows
+    spec = importlib.util.spec_from_file_location("flat_vs_planes", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = torch.randn(4, 3, 7, 7, dtype=torch.float16)
+    moved = module.misaligned(x)
+    assert torch.equal(moved, x) and moved.stride() == x.stride() and moved.data_ptr() % 16 != 0
