@@ -663,6 +663,20 @@ def launch_passes(kernel: str, inputs_bytes: int) -> tuple:
     return (0, 0)
 
 
+def busy_lanes(kernel: str, shape: List[int], block: List[int]) -> float:
+    """The share of a block's x-lanes that have elements in its streaming loop, by the kernel's
+    walk: planes step block_x vectors along S, rows block_x vectors across C (its tiles), a flat
+    run has no idle lanes (but its last unit). Reported beside the bytes in flight, which count
+    every resident thread (the target's definition), not judged."""
+    d = describe(kernel)
+    if "flat" in d["base"]:
+        return 1.0
+    contiguous = math.prod(shape[2:]) if d["base"].endswith("planes_kernel") else shape[1]
+    vectors = max(1, contiguous // d["vec"])
+    lanes = max(1, block[0])
+    return vectors / (math.ceil(vectors / lanes) * lanes)
+
+
 def judge_targets(plans: List[dict], kernels: Dict[str, Kernel]) -> List[dict]:
     """Per ResNet-50 shape, layout and dtype, and per training op (forward, replay, backward): the
     launches, the passes over full-size tensors and, per launch, the bytes of loads in flight per
@@ -698,6 +712,7 @@ def judge_targets(plans: List[dict], kernels: Dict[str, Kernel]) -> List[dict]:
                         "kernel": short(launch["kernel"]),
                         "moves_bytes": moved,
                         "in_flight_per_sm": flight,
+                        "busy_lanes": busy_lanes(launch["kernel"], list(shape), launch["block"]),
                         "judged": moved > IN_FLIGHT_MIN_BYTES,
                     }
                 )
@@ -928,6 +943,7 @@ def markdown(report: dict) -> str:
         summary_rows = []
         for (family, layout, dtype), rs in sorted(families.items()):
             judged = [r["min_in_flight_judged"] for r in rs if r["min_in_flight_judged"] is not None]
+            busy = [i["busy_lanes"] for r in rs for i in r["per_launch"] if i["judged"] and "busy_lanes" in i]
             summary_rows.append(
                 [
                     family,
@@ -936,6 +952,7 @@ def markdown(report: dict) -> str:
                     max(r["launches"] for r in rs),
                     max(f"{r['reads']} + {r['writes']}" for r in rs),
                     f"{min(judged) / 1024:.0f} KB" if judged else "-",
+                    f"{min(busy):.0%}" if busy else "-",
                     sum(1 for r in rs if not r["problems"] and not r["known"]),
                     sum(1 for r in rs if r["known"] and not r["problems"]),
                     sum(1 for r in rs if r["problems"]),
@@ -949,6 +966,7 @@ def markdown(report: dict) -> str:
                 "launches (max)",
                 "passes (max)",
                 "in flight per SM (min, judged)",
+                "x-lanes busy (min, judged; not a target)",
                 "shapes meeting all",
                 "known misses",
                 "failing",
@@ -957,7 +975,16 @@ def markdown(report: dict) -> str:
         )
         lines += ["", "Per shape:", ""]
         lines += table(
-            ["shape", "layout", "dtype", "op", "launches", "passes", "in flight per SM by launch (MB moved)", "ok"],
+            [
+                "shape",
+                "layout",
+                "dtype",
+                "op",
+                "launches",
+                "passes",
+                "in flight per SM by launch (MB moved; x-lanes busy, if not all)",
+                "ok",
+            ],
             [
                 [
                     "x".join(map(str, r["shape"])),
@@ -967,7 +994,9 @@ def markdown(report: dict) -> str:
                     r["launches"],
                     f"{r['reads']} + {r['writes']}",
                     "; ".join(
-                        f"{i['kernel']} {i['in_flight_per_sm'] / 1024:.0f} KB ({i['moves_bytes'] / 1e6:.1f})"
+                        f"{i['kernel']} {i['in_flight_per_sm'] / 1024:.0f} KB ({i['moves_bytes'] / 1e6:.1f}"
+                        + (f"; {i['busy_lanes']:.0%} busy" if i.get("busy_lanes", 1) < 1 else "")
+                        + ")"
                         for i in r["per_launch"]
                     ),
                     "yes" if not r["problems"] and not r["known"] else ("known" if not r["problems"] else "NO"),

@@ -380,6 +380,48 @@ def test_targets_judge_launches_passes_and_bytes_in_flight(backward, in_flight, 
     assert len(got) == len(problems) and all(any(p in g for g in got) for p in problems), got
 
 
+@pytest.mark.parametrize(
+    "kernel, shape, block, busy",
+    [
+        # S = 49, scalar loads: rows of 64 lanes over 49 elements.
+        (
+            "ckbn::gpu::reduce_planes_kernel<ckbn::gpu::StatsReduction<c10::Half, float>, 1>",
+            [256, 2048, 7, 7],
+            [64, 8, 1],
+            49 / 64,
+        ),
+        # 56 x 56 of 8-element loads: 392 vectors, 512 lanes.
+        (
+            "ckbn::gpu::elementwise_planes_kernel<ckbn::gpu::NormalizeElementwise<c10::Half, float>, 8>",
+            [32, 64, 56, 56],
+            [512, 1, 1],
+            392 / 512,
+        ),
+        # A channels_last tile of 32 lanes over 37 channels: two tiles, 64 lanes.
+        (
+            "ckbn::gpu::reduce_rows_kernel<ckbn::gpu::StatsReduction<float, float>, 1>",
+            [16, 37, 6, 6],
+            [32, 16, 1],
+            37 / 64,
+        ),
+        (
+            "ckbn::gpu::elementwise_rows_kernel<ckbn::gpu::NormalizeElementwise<float, float>, 4>",
+            [8, 64, 4, 4],
+            [16, 32, 1],
+            1.0,
+        ),
+        (
+            "ckbn::gpu::elementwise_flat_kernel<ckbn::gpu::NormalizeElementwise<c10::Half, float>, 8>",
+            [256, 2048, 7, 7],
+            [512, 1, 1],
+            1.0,
+        ),
+    ],
+)
+def test_busy_lanes_follow_each_kernels_walk(kernel, shape, block, busy):
+    assert gpu_static.busy_lanes(kernel, shape, block) == pytest.approx(busy)
+
+
 def test_known_target_misses_are_listed_apart_and_only_for_the_figures_they_explain(monkeypatch):
     monkeypatch.setattr(
         gpu_static,
