@@ -384,38 +384,18 @@ def test_targets_judge_launches_passes_and_bytes_in_flight(backward, in_flight, 
     "kernel, shape, block, busy",
     [
         # S = 49, scalar loads: rows of 64 lanes over 49 elements.
-        (
-            "ckbn::gpu::reduce_planes_kernel<ckbn::gpu::StatsReduction<c10::Half, float>, 1>",
-            [256, 2048, 7, 7],
-            [64, 8, 1],
-            49 / 64,
-        ),
+        ("reduce_planes_kernel<StatsReduction<c10::Half, float>, 1>", [256, 2048, 7, 7], [64, 8, 1], 49 / 64),
         # 56 x 56 of 8-element loads: 392 vectors, 512 lanes.
         (
-            "ckbn::gpu::elementwise_planes_kernel<ckbn::gpu::NormalizeElementwise<c10::Half, float>, 8>",
+            "elementwise_planes_kernel<NormalizeElementwise<c10::Half, float>, 8>",
             [32, 64, 56, 56],
             [512, 1, 1],
-            392 / 512,
+            0.765625,
         ),
         # A channels_last tile of 32 lanes over 37 channels: two tiles, 64 lanes.
-        (
-            "ckbn::gpu::reduce_rows_kernel<ckbn::gpu::StatsReduction<float, float>, 1>",
-            [16, 37, 6, 6],
-            [32, 16, 1],
-            37 / 64,
-        ),
-        (
-            "ckbn::gpu::elementwise_rows_kernel<ckbn::gpu::NormalizeElementwise<float, float>, 4>",
-            [8, 64, 4, 4],
-            [16, 32, 1],
-            1.0,
-        ),
-        (
-            "ckbn::gpu::elementwise_flat_kernel<ckbn::gpu::NormalizeElementwise<c10::Half, float>, 8>",
-            [256, 2048, 7, 7],
-            [512, 1, 1],
-            1.0,
-        ),
+        ("reduce_rows_kernel<StatsReduction<float, float>, 1>", [16, 37, 6, 6], [32, 16, 1], 37 / 64),
+        ("elementwise_rows_kernel<NormalizeElementwise<float, float>, 4>", [8, 64, 4, 4], [16, 32, 1], 1.0),
+        ("elementwise_flat_kernel<NormalizeElementwise<c10::Half, float>, 8>", [256, 2048, 7, 7], [512, 1, 1], 1.0),
     ],
 )
 def test_busy_lanes_follow_each_kernels_walk(kernel, shape, block, busy):
