@@ -11,11 +11,10 @@ namespace ckbn {
 namespace gpu {
 
 // ChannelPlanes read as one flat run of numel = N * C * S elements (plan::plan_flat): unit u is
-// groups x ROWS x kThreads vectors of VEC elements from vector u * unit_vectors on.
+// groups x ROWS x kThreads vectors of VEC elements, the units in order; the numel % VEC elements
+// after the last whole vector are the tail.
 struct FlatTiling {
   int64_t numel;
-  int64_t vectors;       // numel / VEC: the rest, fewer than VEC elements, is the tail
-  int64_t unit_vectors;  // groups * ROWS * kThreads
   int64_t units;
   unsigned spatial;   // S, at most 2^30
   unsigned channels;  // C
@@ -56,6 +55,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   static_assert(VEC * sizeof(typename Op::scalar_type) == 16, "16-byte loads");
   constexpr unsigned kRow = kThreads * VEC;  // elements of one row of a group
   constexpr unsigned kGroup = ROWS * kRow;
+  const int64_t vectors = t.numel / VEC;
+  const int64_t unit_vectors = int64_t{t.groups} * ROWS * kThreads;
   __shared__ Coeffs table[kThreads];
   const unsigned tid = threadIdx.x;
   const unsigned spatial = t.spatial;
@@ -65,10 +66,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const unsigned group_offset = kGroup % spatial;
   // The unit's first element: `offset` into a plane of channel `channel`. The only 64-bit
   // divisions, once per block.
-  const int64_t first = int64_t{blockIdx.x} * t.unit_vectors * VEC;
+  const int64_t first = int64_t{blockIdx.x} * unit_vectors * VEC;
   unsigned offset = static_cast<unsigned>(first % spatial);
   unsigned channel = static_cast<unsigned>((first / spatial) % t.channels);
-  const unsigned unit_elements = t.groups * kGroup;
+  const unsigned unit_elements = t.groups * kGroup;  // unit_vectors * VEC
   for (int64_t u = blockIdx.x; u < t.units; u += gridDim.x) {
     const unsigned planes = (offset + unit_elements - 1) / spatial + 2;
     if (tid < planes) {
@@ -83,12 +84,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       row[k] = row[k - 1];
       row[k].advance(row_planes, row_offset, spatial);
     }
-    int64_t vector = u * t.unit_vectors + tid;
-    for (unsigned g = 0; g < t.groups && vector < t.vectors; ++g) {
+    int64_t vector = u * unit_vectors + tid;
+    for (unsigned g = 0; g < t.groups && vector < vectors; ++g) {
       int valid = 0;
 #pragma unroll
       for (int k = 0; k < ROWS; ++k) {
-        valid += vector + int64_t{k} * kThreads < t.vectors ? 1 : 0;
+        valid += vector + int64_t{k} * kThreads < vectors ? 1 : 0;
       }
       transform_tile<VEC, ROWS>(op, Tile{vector * VEC, kRow, valid}, [&](int k, int v) {
         const bool in_next = row[k].at + v >= spatial;
@@ -117,8 +118,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     }
     channel = channel >= t.channels ? channel - t.channels : channel;
   }
-  if (blockIdx.x == 0 && tid < t.numel - t.vectors * VEC) {
-    const int64_t e = t.vectors * VEC + tid;
+  if (blockIdx.x == 0 && tid < t.numel - vectors * VEC) {
+    const int64_t e = vectors * VEC + tid;
     const Coeffs coeffs = op.coeffs((e / spatial) % t.channels);
     transform_rows<false, 1, 1>(op, Tile{e, 0, 1}, [&](int, int) { return coeffs; });
   }

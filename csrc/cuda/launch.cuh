@@ -162,12 +162,8 @@ plan::Plan plan_reduction(const Geometry& g, std::initializer_list<const void*> 
 }
 
 inline FlatTiling flat_tiling(const plan::Plan& p, const Geometry& g) {
-  const int64_t numel = g.batch * g.channels * g.spatial;
-  const int64_t unit_vectors = p.flat_groups * kThreads * p.rows;
-  const int64_t grid_elements = p.grid * unit_vectors * p.vec;
-  return FlatTiling{numel,
-                    numel / p.vec,
-                    unit_vectors,
+  const int64_t grid_elements = p.grid * p.flat_groups * kThreads * p.rows * p.vec;
+  return FlatTiling{g.batch * g.channels * g.spatial,
                     p.units,
                     static_cast<unsigned>(g.spatial),
                     static_cast<unsigned>(g.channels),
@@ -190,10 +186,10 @@ plan::Plan plan_elementwise(const Geometry& g, std::initializer_list<const void*
   const int vec = plan::vector_width(plan::Kind::Elementwise, shape, aligned);
   const int device = on.get_device();
   if (flat && plan::flat_vector_width(shape, vec, aligned) == kFlatVec<Op>) {
-    const plan::Plan flat = plan::plan_flat(
+    const plan::Plan flat_plan = plan::plan_flat(
         shape, kFlatVec<Op>, device_limits<elementwise_flat_kernel<Op, kFlatVec<Op>>>(device));
-    if (plan::flat_fills(flat)) {
-      return flat;
+    if (plan::flat_fills(flat_plan)) {
+      return flat_plan;
     }
   }
   plan::DeviceLimits limits{};
