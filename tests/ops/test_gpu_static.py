@@ -323,10 +323,11 @@ def test_built_sm90_code_passes_the_static_model(tmp_path):
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
 
 
-def _bench_ops():
-    spec = importlib.util.spec_from_file_location("bench_ops", os.path.join(ROOT, "bench", "ops.py"))
+def _bench_script(name):
+    """bench/<name>.py as a module (bench_<name>)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_ops"] = module
+    sys.modules[f"bench_{name}"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -347,7 +348,7 @@ def _bench_ops():
     ],
 )
 def test_ops_benchmark_counts_the_backward_passes_its_kernels_make(names, passes):
-    assert _bench_ops().passes_from_kernels(names)[0] == passes
+    assert _bench_script("ops").passes_from_kernels(names)[0] == passes
 
 
 def plan_launch(name, blocks, block=(512, 1, 1)):
@@ -445,9 +446,6 @@ def test_flat_vs_planes_benchmark_rehearses_on_the_cpu(tmp_path):
         (op, dtype) for dtype in ("float32", "float16", "bfloat16") for op in ("normalize", "grad_input")
     ]
     assert all(r["flat_ms"] > 0 and r["planes_ms"] > 0 for r in rows), rows
-    spec = importlib.util.spec_from_file_location("flat_vs_planes", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     x = torch.randn(4, 3, 7, 7, dtype=torch.float16)
-    moved = module.misaligned(x)
+    moved = _bench_script("flat_vs_planes").misaligned(x)
     assert torch.equal(moved, x) and moved.stride() == x.stride() and moved.data_ptr() % 16 != 0
